@@ -1,0 +1,373 @@
+"""Strict safetensors IO in the layout of the released MOVA checkpoints (single file or shards + index).
+
+Every problem a user can cause (missing file, truncated shard, wrong key, wrong shape) raises `CheckpointError`
+naming the file, the key and the shapes, never a stack trace from deep inside torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+INDEX_SUFFIX = ".safetensors.index.json"
+
+_SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file that cannot be loaded as asked; the message names what and where."""
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"missing file: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid UTF-8 JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, found {type(obj).__name__}")
+    return obj
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """Write JSON (sorted keys, trailing newline) to a temp file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    _write_atomic(path, data.encode("utf-8"))
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _shard_name(weights_name: str, i: int, n: int) -> str:
+    return f"{weights_name}-{i:05d}-of-{n:05d}.safetensors"
+
+
+def save_component(
+    folder: str | os.PathLike,
+    state_dict: dict[str, torch.Tensor],
+    *,
+    config: dict | None,
+    weights_name: str,
+    num_shards: int = 1,
+    config_name: str = "config.json",
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write one component folder: `<weights_name>.safetensors`, or shards + HF-style index, plus its config.
+
+    Keys are written in sorted order and split into `num_shards` contiguous groups of roughly equal bytes, so the
+    same state dict always gives byte-identical files. Each file is written aside and renamed when complete.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    keys = sorted(state_dict)
+    if len(keys) < num_shards:
+        raise ValueError(f"cannot split {len(keys)} tensors into {num_shards} shards")
+    tensors = {k: state_dict[k].detach().to("cpu").contiguous() for k in keys}
+    meta = {"format": "pt", **(metadata or {})}
+
+    groups: list[list[str]] = []
+    if num_shards == 1:
+        groups = [keys]
+    else:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        target = total / num_shards
+        current: list[str] = []
+        acc = 0
+        for i, k in enumerate(keys):
+            current.append(k)
+            acc += tensors[k].numel() * tensors[k].element_size()
+            remaining_keys = len(keys) - i - 1
+            remaining_groups = num_shards - len(groups) - 1
+            if remaining_groups > 0 and (
+                acc >= target * (len(groups) + 1) or remaining_keys == remaining_groups
+            ):
+                groups.append(current)
+                current = []
+        groups.append(current)
+        assert len(groups) == num_shards and all(groups), "shard split produced an empty shard"
+
+    weight_map: dict[str, str] = {}
+    for i, group in enumerate(groups, start=1):
+        name = f"{weights_name}.safetensors" if num_shards == 1 else _shard_name(weights_name, i, num_shards)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        try:
+            save_file({k: tensors[k] for k in group}, tmp, metadata=meta)
+            os.replace(tmp, folder / name)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        weight_map.update({k: name for k in group})
+    if num_shards > 1:
+        total_size = sum(t.numel() * t.element_size() for t in tensors.values())
+        write_json_atomic(
+            folder / f"{weights_name}{INDEX_SUFFIX}",
+            {"metadata": {"total_size": total_size}, "weight_map": weight_map},
+        )
+    if config is not None:
+        write_json_atomic(folder / config_name, config)
+
+
+def _read_header(path: Path) -> dict:
+    """Parse a safetensors header without reading tensor data; validate that the file holds all its data."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path} is truncated or not a safetensors file ({size} bytes)")
+            (n,) = struct.unpack("<Q", raw)
+            if n <= 0 or 8 + n > size:
+                raise CheckpointError(
+                    f"{path} is truncated or not a safetensors file (header length {n}, file {size} bytes)"
+                )
+            header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path} has a corrupt safetensors header") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has a corrupt safetensors header")
+    end = 0
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        try:
+            end = max(end, int(v["data_offsets"][1]))
+        except (KeyError, TypeError, IndexError, ValueError):
+            raise CheckpointError(f"{path}: corrupt header entry for {k!r}") from None
+    if 8 + n + end > size:
+        raise CheckpointError(
+            f"{path} is truncated: its header describes {8 + n + end} bytes but the file has {size} "
+            "(an interrupted download? re-download this file)"
+        )
+    return header
+
+
+def list_weight_files(folder: str | os.PathLike, *, weights_name: str) -> dict[str, list[str]]:
+    """Map each weight file of a component folder to the keys it should hold (from the index if sharded)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"missing component folder: {folder}")
+    index = folder / f"{weights_name}{INDEX_SUFFIX}"
+    single = folder / f"{weights_name}.safetensors"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index} has no 'weight_map'")
+        files: dict[str, list[str]] = {}
+        for key, name in weight_map.items():
+            files.setdefault(name, []).append(key)
+        for name in files:
+            if not (folder / name).is_file():
+                raise CheckpointError(f"missing shard file {folder / name} (listed in {index.name})")
+        return files
+    if single.is_file():
+        return {single.name: []}
+    found = sorted(p.name for p in folder.glob("*.safetensors"))
+    raise CheckpointError(
+        f"no weights in {folder}: expected {single.name} or {index.name}"
+        + (f"; found {', '.join(found)}" if found else "")
+    )
+
+
+def read_component_header(
+    folder: str | os.PathLike, *, weights_name: str
+) -> dict[str, tuple[tuple[int, ...], str]]:
+    """`{key: (shape, dtype)}` of a component from its safetensors headers only (no tensor data is read)."""
+    folder = Path(folder)
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+    for name, listed in list_weight_files(folder, weights_name=weights_name).items():
+        header = _read_header(folder / name)
+        keys = {k for k in header if k != "__metadata__"}
+        if listed and set(listed) != keys:
+            missing = sorted(set(listed) - keys)
+            extra = sorted(keys - set(listed))
+            raise CheckpointError(
+                f"{folder / name} does not match its index: "
+                + (f"missing {missing[:5]}" if missing else "")
+                + (f" unlisted {extra[:5]}" if extra else "")
+            )
+        for k in keys:
+            if k in out:
+                raise CheckpointError(f"key {k!r} appears in two files of {folder}")
+            out[k] = (
+                tuple(header[k]["shape"]),
+                _SAFETENSORS_DTYPES.get(header[k]["dtype"], header[k]["dtype"]),
+            )
+    return out
+
+
+def _key_files(folder: Path, weights_name: str) -> dict[str, str]:
+    files = list_weight_files(folder, weights_name=weights_name)
+    out: dict[str, str] = {}
+    for name in files:
+        for k in _read_header(folder / name):
+            if k != "__metadata__":
+                out[k] = name
+    return out
+
+
+def check_keys(
+    found: dict[str, tuple[int, ...]],
+    expected: dict[str, tuple[int, ...]],
+    *,
+    where: str,
+    files: dict[str, str] | None = None,
+) -> None:
+    """Raise CheckpointError listing missing, unexpected and misshaped keys (the first few of each)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    misshaped = sorted(k for k in set(found) & set(expected) if tuple(found[k]) != tuple(expected[k]))
+    if not (missing or unexpected or misshaped):
+        return
+    lines = [f"checkpoint {where} does not match the model built from its config:"]
+    if missing:
+        lines.append(
+            f"  {len(missing)} missing key(s): "
+            + ", ".join(missing[:8])
+            + (" ..." if len(missing) > 8 else "")
+        )
+    if unexpected:
+        shown = [f"{k} (in {files[k]})" if files and k in files else k for k in unexpected[:8]]
+        lines.append(
+            f"  {len(unexpected)} unexpected key(s): "
+            + ", ".join(shown)
+            + (" ..." if len(unexpected) > 8 else "")
+        )
+    for k in misshaped[:8]:
+        file = f" in {files[k]}" if files and k in files else ""
+        lines.append(
+            f"  shape mismatch for {k}{file}: checkpoint {list(found[k])}, model expects {list(expected[k])}"
+        )
+    if len(misshaped) > 8:
+        lines.append(f"  ... and {len(misshaped) - 8} more shape mismatches")
+    raise CheckpointError("\n".join(lines))
+
+
+def _iter_tensors(
+    folder: Path, weights_name: str, device: str | torch.device
+) -> Iterable[tuple[str, torch.Tensor]]:
+    for name in list_weight_files(folder, weights_name=weights_name):
+        path = folder / name
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                for k in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    yield k, f.get_tensor(k)
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for corrupt data
+            raise CheckpointError(f"cannot read {path}: {e}") from None
+
+
+def load_component_state(
+    folder: str | os.PathLike,
+    *,
+    weights_name: str,
+    expected: dict[str, tuple[int, ...]] | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    component: str = "",
+) -> dict[str, torch.Tensor]:
+    """Read every tensor of a component; with `expected`, refuse missing/unexpected/misshaped keys first."""
+    folder = Path(folder)
+    header = read_component_header(folder, weights_name=weights_name)
+    if expected is not None:
+        check_keys(
+            {k: v[0] for k, v in header.items()},
+            expected,
+            where=f"{component or folder.name} ({folder})",
+            files=_key_files(folder, weights_name),
+        )
+    out = {}
+    for k, t in _iter_tensors(folder, weights_name, device):
+        out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return out
+
+
+def load_module_strict(
+    module: nn.Module,
+    folder: str | os.PathLike,
+    *,
+    weights_name: str,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    component: str = "",
+    key_map: Callable[[str], str] | None = None,
+    tied: dict[str, str] | None = None,
+) -> nn.Module:
+    """Fill `module` (possibly on `meta`) from a component folder, strictly, one tensor at a time.
+
+    `key_map` renames checkpoint keys to module keys. `tied={"alias": "source"}`: the module has both names for one
+    tensor and the checkpoint may store either or both. Parameters on `meta` are replaced by the loaded tensors
+    (`assign=True`), so peak memory is one copy of the weights.
+    """
+    folder = Path(folder)
+    tied = tied or {}
+    header = read_component_header(folder, weights_name=weights_name)
+    key_map = key_map or (lambda k: k)
+    found = {key_map(k): v[0] for k, v in header.items()}
+    files = {key_map(k): f for k, f in _key_files(folder, weights_name).items()}
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    # Tied names: the checkpoint may omit either name of a pair, but not both.
+    for alias, source in tied.items():
+        if alias in found and source in found:
+            continue
+        if alias in found:
+            found[source] = found[alias]
+        elif source in found:
+            found[alias] = found[source]
+    check_keys(found, expected, where=f"{component or folder.name} ({folder})", files=files)
+
+    state: dict[str, torch.Tensor] = {}
+    for k, t in _iter_tensors(folder, weights_name, device):
+        name = key_map(k)
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        state[name] = t
+    for alias, source in tied.items():
+        if alias not in state and source in state:
+            state[alias] = state[source]
+        elif source not in state and alias in state:
+            state[source] = state[alias]
+    module.load_state_dict(state, strict=True, assign=True)
+    return module
