@@ -62,9 +62,17 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     _write_atomic(path, data.encode("utf-8"))
 
 
+def _default_mode() -> int:
+    """File mode a plain `open()` would give (mkstemp's 0600 would make shared checkpoints unreadable)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, _default_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -131,6 +139,7 @@ def save_component(
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
         os.close(fd)
         try:
+            os.chmod(tmp, _default_mode())
             save_file({k: tensors[k] for k in group}, tmp, metadata=meta)
             os.replace(tmp, folder / name)
         except BaseException:

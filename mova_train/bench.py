@@ -1,0 +1,76 @@
+"""Benchmark dispatcher: `python -m mova_train.bench {model,codecs,train} [options]` prints figures.
+
+Each subcommand lives in its owner's module and is imported only when chosen. A module provides
+`run_<name>_bench(args) -> int | None` and may provide `add_bench_args(parser)` for its own options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, function, one-line description)
+COMMANDS = {
+    "model": (
+        "mova_train.models.bench",
+        "run_model_bench",
+        "forward+backward time, memory and TFLOP/s of one dual-tower step (tiny on CPU; full size on a GPU)",
+    ),
+    "codecs": (
+        "mova_train.codecs.bench",
+        "run_codecs_bench",
+        "encode/decode speed of the video VAE, DAC and UMT5",
+    ),
+    "train": ("mova_train.training.bench", "run_train_bench", "training-step throughput of the full trainer"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    top = argparse.ArgumentParser(
+        prog="python -m mova_train.bench",
+        description="Print speed and memory figures. Benchmarks never assert timings.",
+        epilog="subcommands:\n"
+        + "\n".join(f"  {k:8s} {v[2]}" for k, v in COMMANDS.items())
+        + "\n\nRun `python -m mova_train.bench SUBCOMMAND --help` for its options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    top.add_argument("command", choices=sorted(COMMANDS), help="what to benchmark")
+    top.add_argument("options", nargs=argparse.REMAINDER, help="options of the subcommand")
+    if not argv:
+        top.print_usage(sys.stderr)
+        print("bench: error: choose a subcommand: " + ", ".join(COMMANDS), file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
+        top.print_help()
+        return 0
+    if argv[0] not in COMMANDS:
+        print(
+            f"bench: error: unknown subcommand {argv[0]!r}; choose from {', '.join(COMMANDS)}",
+            file=sys.stderr,
+        )
+        return 2
+    name, rest = argv[0], argv[1:]
+    module_name, func_name, description = COMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+        run = getattr(module, func_name)
+    except (ImportError, AttributeError) as e:
+        print(f"bench {name}: error: not available ({module_name}.{func_name}: {e})", file=sys.stderr)
+        return 2
+    parser = argparse.ArgumentParser(prog=f"python -m mova_train.bench {name}", description=description)
+    add_args = getattr(module, "add_bench_args", None)
+    if add_args is not None:
+        add_args(parser)
+    args = parser.parse_args(rest)
+    try:
+        code = run(args)
+    except ValueError as e:
+        print(f"bench {name}: error: {e}", file=sys.stderr)
+        return 2
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Read and write MOVA checkpoint folders (released layout): configs, model_index.json, strict component loading.
+
+Components are built on `meta` from their own config.json and materialised from the safetensors files, so peak
+memory is one copy of the weights; only the requested components are read.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..checkpoint_io import CheckpointError, load_module_strict, read_json, save_component, write_json_atomic
+from .config import (
+    COMPONENTS,
+    AudioDiTConfig,
+    BridgeConfig,
+    ConfigError,
+    MovaConfig,
+    SchedulerConfig,
+    VideoDiTConfig,
+)
+from .mova import MovaModel, check_components
+
+WEIGHTS_NAME = "diffusion_pytorch_model"
+DIFFUSERS_VERSION = "0.33.1"  # recorded in the configs we write; never checked on read
+# Shards per component in the released layout: the 14B experts come in three files with an index.
+RELEASED_NUM_SHARDS = {"video_dit": 3, "video_dit_2": 3, "audio_dit": 1, "dual_tower_bridge": 1}
+
+# model_index.json entries: [library, class]. The library strings of MOVA's own classes are inferred
+# (spec §2: "probably full module paths"); only the class names are checked on read.
+MODEL_INDEX_ENTRIES = {
+    "video_dit": ["mova.diffusion.models.wan_video_dit", "WanModel"],
+    "video_dit_2": ["mova.diffusion.models.wan_video_dit", "WanModel"],
+    "audio_dit": ["mova.diffusion.models.wan_audio_dit", "WanAudioModel"],
+    "dual_tower_bridge": ["mova.diffusion.models.interactionv2", "DualTowerConditionalBridge"],
+    "scheduler": ["mova.diffusion.schedulers.flow_match_pair", "FlowMatchPairScheduler"],
+    "text_encoder": ["transformers", "UMT5EncoderModel"],
+    "tokenizer": ["transformers", "T5TokenizerFast"],
+    "video_vae": ["diffusers", "AutoencoderKLWan"],
+    "audio_vae": ["mova.diffusion.models.dac_vae", "DAC"],
+}
+_MODEL_INDEX_FIELDS = {
+    "_class_name",
+    "_diffusers_version",
+    "_name_or_path",
+    "boundary_ratio",
+    "audio_vae_type",
+}
+
+
+def model_index_dict(boundary_ratio: float = 0.9) -> dict:
+    """The model_index.json we write (released layout)."""
+    return {
+        "_class_name": "MOVA",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "boundary_ratio": boundary_ratio,
+        "audio_vae_type": "dac",
+        **{k: list(v) for k, v in MODEL_INDEX_ENTRIES.items()},
+    }
+
+
+def read_model_index(checkpoint_dir: str | os.PathLike) -> dict:
+    """model_index.json, validated: known fields and component names only, `audio_vae_type` dac, classes match."""
+    path = Path(checkpoint_dir) / "model_index.json"
+    if not Path(checkpoint_dir).is_dir():
+        raise CheckpointError(f"checkpoint folder not found: {checkpoint_dir}")
+    index = read_json(path)
+    unknown = sorted(k for k in index if k not in _MODEL_INDEX_FIELDS and k not in MODEL_INDEX_ENTRIES)
+    if unknown:
+        raise CheckpointError(
+            f"{path}: unknown component(s)/field(s) {unknown}; known components: {sorted(MODEL_INDEX_ENTRIES)}"
+        )
+    for name, (_, cls) in MODEL_INDEX_ENTRIES.items():
+        entry = index.get(name)
+        if entry is None:
+            continue
+        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, str) for x in entry)):
+            raise CheckpointError(f"{path}: entry {name!r} must be [library, class], got {entry!r}")
+        if entry[1] != cls:
+            raise CheckpointError(f"{path}: component {name!r} has class {entry[1]!r}, expected {cls!r}")
+    if "boundary_ratio" not in index:
+        raise CheckpointError(
+            f"{path}: missing field 'boundary_ratio' (the expert switch, 0.9 when released)"
+        )
+    if index.get("audio_vae_type", "dac") != "dac":
+        raise CheckpointError(
+            f"{path}: audio_vae_type {index['audio_vae_type']!r} is not supported (allowed: dac)"
+        )
+    return index
+
+
+def read_mova_config(checkpoint_dir: str | os.PathLike) -> MovaConfig:
+    """Build the MovaConfig of a checkpoint folder from model_index.json and each component's config.json.
+
+    Both experts must share one architecture (they share the bridge and audio tower), so video_dit_2's
+    config, when present, must equal video_dit's.
+    """
+    root = Path(checkpoint_dir)
+    index = read_model_index(root)
+
+    def parse(cls, name: str):
+        path = root / name / "config.json"
+        return cls.from_dict(read_json(path), str(path))
+
+    video = parse(VideoDiTConfig, "video_dit")
+    if (root / "video_dit_2" / "config.json").is_file() and parse(VideoDiTConfig, "video_dit_2") != video:
+        raise ConfigError(
+            f"{root / 'video_dit_2' / 'config.json'} differs from {root / 'video_dit' / 'config.json'}: "
+            "both experts must share one architecture"
+        )
+    audio = parse(AudioDiTConfig, "audio_dit")
+    bridge = parse(BridgeConfig, "dual_tower_bridge")
+    sched_path = root / "scheduler" / "scheduler_config.json"
+    scheduler = SchedulerConfig.from_dict(read_json(sched_path), str(sched_path))
+    try:
+        return MovaConfig(
+            video_dit=video,
+            audio_dit=audio,
+            dual_tower_bridge=bridge,
+            scheduler=scheduler,
+            boundary_ratio=index["boundary_ratio"],
+            name=root.name,
+        )
+    except ConfigError as e:
+        raise ConfigError(f"{root}: {e}") from None
+
+
+def load_mova(
+    checkpoint_dir: str | os.PathLike,
+    components=COMPONENTS,
+    dtype: torch.dtype | None = torch.float32,
+    device: str | torch.device = "cpu",
+) -> MovaModel:
+    """Load the requested components strictly (missing/unexpected/misshaped keys raise CheckpointError).
+
+    `dtype` None keeps the stored dtype. Components not requested stay None and are never read.
+    """
+    root = Path(checkpoint_dir)
+    components = check_components(components)
+    config = read_mova_config(root)
+    with torch.device("meta"):
+        model = MovaModel(config, components)  # nothing allocated yet
+    for name in components:
+        module = getattr(model, name)
+        load_module_strict(
+            module, root / name, weights_name=WEIGHTS_NAME, dtype=dtype, device=device, component=name
+        )
+        leftover = [n for n, p in module.named_parameters() if p.is_meta]
+        assert not leftover, f"parameters left on meta after loading {name}: {leftover[:3]}"
+    return model
+
+
+def save_mova(
+    model: MovaModel, out_dir: str | os.PathLike, *, num_shards: dict[str, int] | None = None
+) -> None:
+    """Write each loaded component (config.json + safetensors, the experts in 3 shards with an index),
+    `scheduler/scheduler_config.json` and `model_index.json`, in the released layout."""
+    root = Path(out_dir)
+    shards = {**RELEASED_NUM_SHARDS, **(num_shards or {})}
+    cfg = model.config
+    configs = {
+        "video_dit": cfg.video_dit.to_dict(),
+        "video_dit_2": cfg.video_dit.to_dict(),
+        "audio_dit": cfg.audio_dit.to_dict(),
+        "dual_tower_bridge": cfg.dual_tower_bridge.to_dict(),
+    }
+    for name in model.components:
+        config = {**configs[name], "_diffusers_version": DIFFUSERS_VERSION}
+        save_component(
+            root / name,
+            getattr(model, name).state_dict(),
+            config=config,
+            weights_name=WEIGHTS_NAME,
+            num_shards=shards[name],
+        )
+    write_json_atomic(
+        root / "scheduler" / "scheduler_config.json",
+        {**cfg.scheduler.to_dict(), "_diffusers_version": DIFFUSERS_VERSION},
+    )
+    write_json_atomic(root / "model_index.json", model_index_dict(cfg.boundary_ratio))

@@ -1,0 +1,227 @@
+"""`MovaModel`: the two video experts, the audio tower and the bridge, and one dual-tower denoising step (spec §6).
+
+Layouts: B batch; video latents [B, 16, T, h, w], I2V conditioning [B, 20, T, h, w] (mask ‖ first-frame latent),
+audio latents [B, Ca, L_a], text [B, N, Dt]; tokens [B, L, D].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .bridge import BridgeConditioner, DualTowerBridge
+from .config import COMPONENTS, EXPERTS, MovaConfig, get_model_config
+from .dit import DiTBlock, Head, WanAudioDiT, WanVideoDiT, run_block
+from .layers import RMSNorm, init_linear_
+from .scheduler import expert_for_timestep
+
+
+def build_component(name: str, config: MovaConfig) -> nn.Module:
+    """One diffusion component from the config, on the current default device."""
+    if name in EXPERTS:
+        return WanVideoDiT(config.video_dit)
+    if name == "audio_dit":
+        return WanAudioDiT(config.audio_dit)
+    if name == "dual_tower_bridge":
+        return DualTowerBridge(config.dual_tower_bridge)
+    raise ValueError(f"unknown component {name!r}; allowed: {', '.join(COMPONENTS)}")
+
+
+def check_components(components) -> tuple[str, ...]:
+    """Validate a component selection (any order, no repeats) and return it in canonical order."""
+    if isinstance(components, str):
+        components = (components,)
+    components = tuple(components)
+    unknown = [c for c in components if c not in COMPONENTS]
+    if unknown:
+        raise ValueError(f"unknown component(s) {unknown}; allowed: {', '.join(COMPONENTS)}")
+    if len(set(components)) != len(components):
+        raise ValueError(f"component selection has repeats: {list(components)}")
+    if not components:
+        raise ValueError("no components selected")
+    return tuple(c for c in COMPONENTS if c in components)
+
+
+class MovaModel(nn.Module):
+    """Holds the components that were asked for (the others are None) and runs the dual-tower step."""
+
+    def __init__(self, config: MovaConfig, components=COMPONENTS):
+        super().__init__()
+        self.config = config
+        for name in COMPONENTS:
+            setattr(self, name, None)
+        for name in check_components(components):
+            setattr(self, name, build_component(name, config))
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """Names of the loaded components."""
+        return tuple(c for c in COMPONENTS if getattr(self, c) is not None)
+
+    def expert_for_timestep(self, t: float | torch.Tensor) -> str:
+        return expert_for_timestep(t, self.config.boundary_timestep)
+
+    def _component(self, name: str) -> nn.Module:
+        module = getattr(self, name, None)
+        if module is None:
+            raise ValueError(
+                f"component {name!r} is not loaded (loaded: {', '.join(self.components) or 'none'})"
+            )
+        return module
+
+    def _check_inputs(self, video_latents, video_cond, audio_latents, text, tv, ta) -> None:
+        cfg = self.config
+        b = video_latents.shape[0]
+        pt, ph, pw = cfg.video_dit.patch_size
+
+        def fail(msg: str) -> None:
+            raise ValueError(f"MovaModel.forward: {msg}")
+
+        if video_latents.dim() != 5 or video_latents.shape[1] != cfg.video_latent_dim:
+            fail(
+                f"video_latents must be [B, {cfg.video_latent_dim}, T, h, w], got {list(video_latents.shape)}"
+            )
+        _, _, t, h, w = video_latents.shape
+        if t % pt or h % ph or w % pw:
+            fail(
+                f"video latent grid (T={t}, h={h}, w={w}) must be divisible by the patch size {[pt, ph, pw]}"
+            )
+        want = [b, cfg.video_cond_dim, t, h, w]
+        if list(video_cond.shape) != want:
+            fail(f"video_cond must be {want} (mask ‖ first-frame latent), got {list(video_cond.shape)}")
+        if audio_latents.dim() != 3 or audio_latents.shape[:2] != (b, cfg.audio_latent_dim):
+            fail(f"audio_latents must be [{b}, {cfg.audio_latent_dim}, L], got {list(audio_latents.shape)}")
+        if audio_latents.shape[2] < 1:
+            fail("audio_latents has no time steps")
+        if text.dim() != 3 or text.shape[0] != b or text.shape[2] != cfg.text_dim:
+            fail(f"text must be [{b}, N, {cfg.text_dim}], got {list(text.shape)}")
+        for name, ts in (("timestep_video", tv), ("timestep_audio", ta)):
+            if ts.shape != (b,):
+                fail(f"{name} must be a scalar or [{b}], got shape {list(ts.shape)}")
+
+    @staticmethod
+    def _timesteps(t, batch: int, device: torch.device) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.float32, device=device)
+        return t.expand(batch) if t.dim() == 0 else t.float()
+
+    def forward(
+        self,
+        video_latents: torch.Tensor,
+        video_cond: torch.Tensor,
+        audio_latents: torch.Tensor,
+        text: torch.Tensor,
+        timestep_video: float | torch.Tensor,
+        timestep_audio: float | torch.Tensor | None = None,
+        expert: str | None = None,
+        video_fps: float = 24.0,
+        *,
+        a2v_scale: float = 1.0,
+        v2a_scale: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One dual-tower step -> (pred_video [B, 16, T, h, w], pred_audio [B, Ca, L]) in the towers' dtype.
+
+        `expert` names the video expert to run (`model.expert_for_timestep(t)` picks it); timesteps are per
+        sample in [0, 1000]; timestep_audio defaults to timestep_video. `a2v_scale` / `v2a_scale` scale the
+        bridge updates (1.0 as released; 0 turns a direction off).
+        """
+        if expert not in EXPERTS:
+            raise ValueError(f"expert must be one of {', '.join(EXPERTS)}, got {expert!r}")
+        video_dit = self._component(expert)
+        audio_dit = self._component("audio_dit")
+        bridge = self._component("dual_tower_bridge")
+        b = video_latents.shape[0]
+        device = video_latents.device
+        tv = self._timesteps(timestep_video, b, device)
+        ta = tv if timestep_audio is None else self._timesteps(timestep_audio, b, device)
+        self._check_inputs(video_latents, video_cond, audio_latents, text, tv, ta)
+
+        temb_v, t_mod_v = video_dit.embed_time(tv)  # [B, Dv], [B, 6, Dv]
+        temb_a, t_mod_a = audio_dit.embed_time(ta)
+        # The same text encoding feeds both towers, each through its own text embedding.
+        ctx_v = video_dit.embed_text(text)  # [B, N, Dv]
+        ctx_a = audio_dit.embed_text(text)  # [B, N, Da]
+        v, grid_v = video_dit.patchify(torch.cat([video_latents, video_cond.to(video_latents.dtype)], dim=1))
+        a, grid_a = audio_dit.patchify(audio_latents)  # v [B, Lv, Dv], a [B, La, Da]
+        rope_v = video_dit.rope(grid_v, device)
+        rope_a = audio_dit.rope(grid_a, device)
+        bridge_v, bridge_a = bridge.rope(grid_v, grid_a[0], device, video_fps)
+
+        num_v, num_a = len(video_dit.blocks), len(audio_dit.blocks)
+        for i in range(max(num_v, num_a)):
+            if i < min(num_v, num_a) and bridge.interacts(i):
+                # Simultaneous update: both directions read the pre-update states.
+                dv = run_block(bridge.audio_to_video_conditioners[str(i)], v, a, bridge_v, bridge_a)
+                da = run_block(bridge.video_to_audio_conditioners[str(i)], a, v, bridge_a, bridge_v)
+                v = v + a2v_scale * dv
+                a = a + v2a_scale * da.to(a.dtype)
+            if i < num_v:
+                v = run_block(video_dit.blocks[i], v, ctx_v, t_mod_v, rope_v)
+            if i < num_a:
+                a = run_block(audio_dit.blocks[i], a, ctx_a, t_mod_a, rope_a)
+
+        pred_video = video_dit.unpatchify(video_dit.head(v, temb_v), grid_v)
+        pred_audio = audio_dit.unpatchify(audio_dit.head(a, temb_a), grid_a)
+        return pred_video, pred_audio
+
+
+def set_activation_checkpointing(model: nn.Module, enabled: bool = True, components=None) -> int:
+    """Flag every tower block and bridge conditioner (of the given components) for activation checkpointing.
+
+    The flag is read by the block loops, so no hooks or wrappers are installed and PEFT/ZeRO wrapping of the
+    components keeps working. Returns the number of flagged modules.
+    """
+    roots: list[nn.Module] = [model]
+    if components is not None:
+        roots = [
+            getattr(model, c) for c in check_components(components) if getattr(model, c, None) is not None
+        ]
+    count = 0
+    for root in roots:
+        for m in root.modules():
+            if isinstance(m, (DiTBlock, BridgeConditioner)):
+                m.activation_checkpointing = bool(enabled)
+                count += 1
+    return count
+
+
+@torch.no_grad()
+def init_weights_(model: nn.Module, generator: torch.Generator | None = None) -> None:
+    """Random init for tests and benchmarks (never a training recipe): PyTorch-default linears, modulations
+    ~ N(0, 1/D), norm weights 1 + N(0, 0.1^2) and biases N(0, 0.1^2) so that no parameter is a no-op."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv3d)):
+            init_linear_(m, generator)
+        elif isinstance(m, (RMSNorm, nn.LayerNorm)):
+            if getattr(m, "weight", None) is not None:
+                m.weight.normal_(1.0, 0.1, generator=generator)
+            if getattr(m, "bias", None) is not None:
+                m.bias.normal_(0.0, 0.1, generator=generator)
+        elif isinstance(m, (DiTBlock, Head)):
+            m.modulation.normal_(0.0, m.modulation.shape[-1] ** -0.5, generator=generator)
+        elif isinstance(m, DualTowerBridge) and hasattr(m, "condition_scale"):
+            m.condition_scale.fill_(1.0)
+
+
+def build_mova(
+    config: MovaConfig | str,
+    components=COMPONENTS,
+    device: str | torch.device = "meta",
+    dtype: torch.dtype = torch.float32,
+    seed: int | None = None,
+) -> MovaModel:
+    """Build the selected components. On `meta` nothing is allocated (use `load_mova` to fill from files);
+    on a real device parameters are allocated once there and randomly initialised (deterministic with `seed`)."""
+    if isinstance(config, str):
+        config = get_model_config(config)
+    with torch.device("meta"):
+        model = MovaModel(config, components).to(dtype)
+    device = torch.device(device)
+    if device.type == "meta":
+        return model
+    model = model.to_empty(device=device)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+    init_weights_(model, generator)
+    return model

@@ -1,0 +1,158 @@
+"""Flow-matching scheduler of MOVA (spec §12) and the expert routing rule (spec §7), shared by trainer and sampler.
+
+Timesteps t are in [0, num_train_timesteps] (t = 1000·σ after the shift), the unit the model and the routing use.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import EXPERTS, SchedulerConfig
+
+
+def expert_for_timestep(t: float | torch.Tensor, boundary: float = 900.0) -> str:
+    """`video_dit` (high-noise expert) when t >= boundary, else `video_dit_2`. A tensor must route one way."""
+    if isinstance(t, torch.Tensor):
+        if t.numel() == 0:
+            raise ValueError("expert_for_timestep: empty timestep tensor")
+        high = t >= boundary
+        if bool(high.all()):
+            return EXPERTS[0]
+        if not bool(high.any()):
+            return EXPERTS[1]
+        raise ValueError(
+            f"expert_for_timestep: timesteps {t.tolist()} straddle the boundary {boundary}; "
+            "one call runs one expert, so split the batch by expert"
+        )
+    return EXPERTS[0] if float(t) >= boundary else EXPERTS[1]
+
+
+class FlowMatchScheduler:
+    """σ grid, noising, velocity target and Euler step; σ lookups snap to the 1000-entry training table."""
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        shift: float = 5.0,
+        extra_one_step: bool = True,
+        sigma_min: float = 0.003 / 1.002,
+        sigma_max: float = 1.0,
+    ):
+        self.config = SchedulerConfig(
+            num_train_timesteps=num_train_timesteps,
+            shift=shift,
+            extra_one_step=extra_one_step,
+            sigma_min=sigma_min,
+            sigma_max=sigma_max,
+        )
+        self.config.validate("FlowMatchScheduler")
+        self.num_train_timesteps = num_train_timesteps
+        self.shift = float(shift)
+        self.extra_one_step = extra_one_step
+        self.sigma_min = float(sigma_min)
+        self.sigma_max = float(sigma_max)
+        self._train_sigmas = self._sigmas(num_train_timesteps)  # float64 [num_train_timesteps]
+        self.train_sigmas = self._train_sigmas.float()
+        self.train_timesteps = (self._train_sigmas * num_train_timesteps).float()  # 1000.0 .. 19.64
+
+    @classmethod
+    def from_config(cls, config: dict | SchedulerConfig) -> FlowMatchScheduler:
+        """From a `scheduler_config.json` dict (validated; unsupported options raise) or a SchedulerConfig."""
+        cfg = config if isinstance(config, SchedulerConfig) else SchedulerConfig.from_dict(config)
+        return cls(
+            num_train_timesteps=cfg.num_train_timesteps,
+            shift=cfg.shift,
+            extra_one_step=cfg.extra_one_step,
+            sigma_min=cfg.sigma_min,
+            sigma_max=cfg.sigma_max,
+        )
+
+    def _sigmas(self, n: int) -> torch.Tensor:
+        if n < 1:
+            raise ValueError(f"number of steps must be >= 1, got {n}")
+        if self.extra_one_step:
+            s = torch.linspace(self.sigma_max, self.sigma_min, n + 1, dtype=torch.float64)[:-1]
+        else:
+            s = torch.linspace(self.sigma_max, self.sigma_min, n, dtype=torch.float64)
+        return self.shift * s / (1 + (self.shift - 1) * s)
+
+    def sampling_timesteps(self, num_steps: int) -> torch.Tensor:
+        """Timesteps of an n-step sampling run, high to low; with 50 steps every 20th training entry."""
+        return (self._sigmas(num_steps) * self.num_train_timesteps).float()
+
+    def sigma_for(self, t: float | torch.Tensor) -> torch.Tensor:
+        """σ of the nearest training-table timestep (float32, same shape as t)."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        grid = self._train_sigmas * self.num_train_timesteps
+        idx = (grid.to(t.device)[None, :] - t.reshape(-1, 1)).abs().argmin(dim=1)
+        return self._train_sigmas.to(t.device)[idx].reshape(t.shape).float()
+
+    @staticmethod
+    def _bcast(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """σ scalar or [B] -> broadcastable against like [B, ...]."""
+        sigma = sigma.to(like.device)
+        if sigma.dim() == 0:
+            return sigma
+        if sigma.shape[0] != like.shape[0]:
+            raise ValueError(
+                f"timesteps have batch size {sigma.shape[0]} but the tensor has shape {list(like.shape)}"
+            )
+        return sigma.reshape(-1, *([1] * (like.dim() - 1)))
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+        """x_t = (1-σ)·x0 + σ·noise with σ = σ(t) per sample; computed in fp32, returned in x0's dtype."""
+        if x0.shape != noise.shape:
+            raise ValueError(f"add_noise: x0 {list(x0.shape)} and noise {list(noise.shape)} differ in shape")
+        sigma = self._bcast(self.sigma_for(t), x0)
+        return ((1 - sigma) * x0.float() + sigma * noise.float()).to(x0.dtype)
+
+    @staticmethod
+    def target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Velocity target v* = noise - x0."""
+        return noise - x0
+
+    def step(
+        self,
+        v: torch.Tensor,
+        t_from: float | torch.Tensor,
+        t_to: float | torch.Tensor | None,
+        x: torch.Tensor,
+    ) -> torch.Tensor:
+        """Euler step x + v·(σ(t_to) - σ(t_from)); t_to None is the last step (σ = 0). fp32 math, x's dtype out."""
+        s_from = self.sigma_for(t_from)
+        s_to = torch.zeros_like(s_from) if t_to is None else self.sigma_for(t_to)
+        delta = self._bcast(s_to - s_from, x)
+        return (x.float() + v.float() * delta).to(x.dtype)
+
+    def boundary_timestep(self, ratio: float) -> float:
+        """Expert boundary in timestep units: ratio · num_train_timesteps (900 for the released 0.9)."""
+        return float(ratio) * self.num_train_timesteps
+
+    def train_boundary_index(self, boundary: float) -> int:
+        """#training-table entries with t >= boundary (359 for 900 with extra_one_step: index boundary 0.359)."""
+        return int((self.train_timesteps >= boundary).sum())
+
+    def expert_index_range(self, expert: str, boundary: float) -> tuple[int, int]:
+        """Training-table index range [lo, hi) an expert is trained on (spec §7: [0, 359) and [359, 1000))."""
+        b = self.train_boundary_index(boundary)
+        if expert == EXPERTS[0]:
+            return 0, b
+        if expert == EXPERTS[1]:
+            return b, self.num_train_timesteps
+        raise ValueError(f"unknown expert {expert!r}; allowed: {', '.join(EXPERTS)}")
+
+    def sample_training_timesteps(
+        self,
+        expert: str,
+        batch_size: int,
+        boundary: float,
+        *,
+        generator: torch.Generator | None = None,
+        device: str | torch.device = "cpu",
+    ) -> torch.Tensor:
+        """Uniform draw of training-table timesteps [batch_size] from the expert's index range."""
+        lo, hi = self.expert_index_range(expert, boundary)
+        if hi <= lo:
+            raise ValueError(f"expert {expert!r} owns no training timesteps at boundary {boundary}")
+        idx = torch.randint(lo, hi, (batch_size,), generator=generator)
+        return self.train_timesteps[idx].to(device)
