@@ -136,7 +136,8 @@ def validate_sample(
         t = tensors[name]
         if t.dtype not in LATENT_DTYPES:
             raise ShardFormatError(f"{at}: {name} has dtype {t.dtype}; allowed: float32, bfloat16, float16")
-        if not torch.isfinite(t).all():
+        # amax propagates NaN and keeps Inf: ~15x cheaper than isfinite(t).all() on 360p latents.
+        if t.numel() and not torch.isfinite(t.abs().amax()):
             raise ShardFormatError(f"{at}: {name} holds NaN or Inf values")
 
     video, first, audio, text = (tensors[n] for n in REQUIRED_TENSORS)
