@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -59,7 +58,62 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    _write_atomic(path, data.encode("utf-8"))
+    write_bytes_atomic(path, data.encode("utf-8"))
+
+
+_TORCH_TO_SAFETENSORS = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def encode_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """Safetensors bytes of `tensors` (sorted by name) and `metadata` (sorted keys): same input, same bytes.
+
+    safetensors 0.8's own `save_file` keeps the metadata in a hash map, so its bytes change from process to
+    process; checkpoints and exports must be byte-identical, so we write the (small, documented) format ourselves:
+    u64 little-endian header length, the JSON header padded with spaces to 8 bytes, then the tensor data.
+    """
+    header: dict[str, object] = {}
+    if metadata:
+        for k, v in metadata.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise ValueError(f"safetensors metadata must map str to str; got {k!r}: {type(v).__name__}")
+        header["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
+    chunks: list[bytes] = []
+    offset = 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.dtype not in _TORCH_TO_SAFETENSORS:
+            raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which safetensors files do not hold")
+        if t.device.type == "meta":
+            raise ValueError(f"tensor {name!r} is on the meta device and has no data to write")
+        data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {
+            "dtype": _TORCH_TO_SAFETENSORS[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
+        chunks.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-(8 + len(text)) % 8)
+    return struct.pack("<Q", len(text)) + text + b"".join(chunks)
+
+
+def write_safetensors(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+):
+    """Atomically write a byte-deterministic safetensors file."""
+    write_bytes_atomic(path, encode_safetensors(tensors, metadata))
 
 
 def _default_mode() -> int:
@@ -69,7 +123,10 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to a temp file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, _default_mode())
@@ -136,15 +193,7 @@ def save_component(
     weight_map: dict[str, str] = {}
     for i, group in enumerate(groups, start=1):
         name = f"{weights_name}.safetensors" if num_shards == 1 else _shard_name(weights_name, i, num_shards)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-        os.close(fd)
-        try:
-            os.chmod(tmp, _default_mode())
-            save_file({k: tensors[k] for k in group}, tmp, metadata=meta)
-            os.replace(tmp, folder / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_safetensors(folder / name, {k: tensors[k] for k in group}, meta)
         weight_map.update({k: name for k in group})
     if num_shards > 1:
         total_size = sum(t.numel() * t.element_size() for t in tensors.values())

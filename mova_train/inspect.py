@@ -139,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", metavar="DIR", help="a MOVA checkpoint folder (released layout)")
     src.add_argument("--config", choices=CONFIG_PRESETS, help="a named architecture")
     parser.add_argument("--json", action="store_true", help="print {component: {param_name: shape}} as JSON")
+    parser.add_argument(
+        "--lora",
+        metavar="NAME",
+        help="also list the modules a LoRA setup targets and its trainable parameters per component: preset names "
+        "(comma-separated, e.g. self_attn,bridge_a2v), a configs/lora bundle (voice), an experiment (voice_lora) "
+        "or a YAML file",
+    )
     return parser
 
 
@@ -156,6 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     for n in insp.notes:
         if args.json:
             print(f"note: {n}", file=sys.stderr)
+    if args.lora:
+        from mova_train.lora.inspect import lora_config_from_name, print_lora_summary
+
+        try:
+            print()
+            print_lora_summary(insp.model, lora_config_from_name(args.lora))
+        except ValueError as e:  # LoraError names the preset, component or field
+            print(f"inspect: error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 
