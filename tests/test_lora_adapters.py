@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from mova_train.checkpoint_io import CheckpointError
 from mova_train.lora import (
     AdapterFormatError,
     LoraConfig,
@@ -148,12 +149,12 @@ def test_base_identity(tmp_path, tiny_checkpoint):
     assert base_identity(copy) != first
 
     shutil.rmtree(copy / "audio_dit")
-    with pytest.raises(LoraError, match="audio_dit/config.json"):
+    with pytest.raises(CheckpointError, match="audio_dit/config.json"):
         base_identity(copy)
 
 
 def test_base_identity_samples_large_files(tmp_path, tiny_checkpoint, monkeypatch):
-    import mova_train.lora.identity as identity
+    import mova_train.identity as identity
 
     copy = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoint, copy)

@@ -1,5 +1,7 @@
 """LoRA for MOVA: target presets, PEFT injection per component/expert, adapter files, merge, inspection, export."""
 
+from mova_train.identity import base_identity
+
 from .adapters import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -23,7 +25,6 @@ from .config import (
     lora_config_to_dict,
     validate_lora_config,
 )
-from .identity import base_identity
 from .inject import (
     DEFAULT_ADAPTER,
     adapter_names,

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from mova_train.checkpoint_io import CheckpointError, read_component_header, read_json
+from mova_train.identity import base_identity
 from mova_train.lora.adapters import (
     ADAPTER_WEIGHTS,
     META_BASE_IDENTITY,
@@ -32,7 +33,6 @@ from mova_train.lora.adapters import (
     targets_from_state,
 )
 from mova_train.lora.config import LoraConfig, LoraError, lora_config_from_dict
-from mova_train.lora.identity import base_identity
 from mova_train.lora.inject import extract_lora_state, parse_canonical_key
 from mova_train.lora.safetensors_io import read_safetensors, write_json, write_safetensors
 

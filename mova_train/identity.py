@@ -16,7 +16,10 @@ import os
 import struct
 from pathlib import Path
 
-from mova_train.lora.config import LORA_COMPONENTS, LoraError
+from mova_train.checkpoint_io import CheckpointError
+
+# The diffusion components an adapter is trained against (the codecs have their own identity).
+DIFFUSION_COMPONENTS = ("video_dit", "video_dit_2", "audio_dit", "dual_tower_bridge")
 
 IDENTITY_VERSION = "mova-train-base-v1"
 _SAMPLE_BYTES = 64 * 1024
@@ -29,10 +32,10 @@ def _hash_safetensors_file(h: hashlib._Hash, path: Path) -> None:
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise LoraError(f"{path} is not a safetensors file (shorter than 8 bytes)")
+            raise CheckpointError(f"{path} is not a safetensors file (shorter than 8 bytes)")
         (n,) = struct.unpack("<Q", raw)
         if n > size - 8:
-            raise LoraError(f"{path} is truncated: header length {n} exceeds the file size {size}")
+            raise CheckpointError(f"{path} is truncated: header length {n} exceeds the file size {size}")
         header = f.read(n)
         h.update(f"{path.name}:{size}:".encode())
         h.update(header)
@@ -48,7 +51,9 @@ def _hash_safetensors_file(h: hashlib._Hash, path: Path) -> None:
             h.update(f.read(_SAMPLE_BYTES))
 
 
-def base_identity(checkpoint_dir: str | os.PathLike, components: tuple[str, ...] = LORA_COMPONENTS) -> str:
+def base_identity(
+    checkpoint_dir: str | os.PathLike, components: tuple[str, ...] = DIFFUSION_COMPONENTS
+) -> str:
     """'sha256:<hex>' fingerprint of `components` of a MOVA checkpoint folder (see module docstring).
 
     Keep the default (all four diffusion components) for the identity recorded with adapters: the trainer,
@@ -56,22 +61,22 @@ def base_identity(checkpoint_dir: str | os.PathLike, components: tuple[str, ...]
     """
     root = Path(checkpoint_dir)
     if not root.is_dir():
-        raise LoraError(f"base checkpoint folder {root} does not exist")
+        raise CheckpointError(f"base checkpoint folder {root} does not exist")
     h = hashlib.sha256(IDENTITY_VERSION.encode())
     for component in sorted(components):
         folder = root / component
         config_path = folder / "config.json"
         if not config_path.is_file():
-            raise LoraError(f"base checkpoint {root} has no {component}/config.json")
+            raise CheckpointError(f"base checkpoint {root} has no {component}/config.json")
         try:
             config = json.loads(config_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise LoraError(f"cannot read {config_path}: {e}") from e
+            raise CheckpointError(f"cannot read {config_path}: {e}") from e
         h.update(f"\0{component}\0".encode())
         h.update(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
         files = sorted(folder.glob("*.safetensors"))
         if not files:
-            raise LoraError(f"base checkpoint {root} has no weights in {component}/ (*.safetensors)")
+            raise CheckpointError(f"base checkpoint {root} has no weights in {component}/ (*.safetensors)")
         for path in files:
             _hash_safetensors_file(h, path)
     return "sha256:" + h.hexdigest()
