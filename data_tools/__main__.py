@@ -1,0 +1,83 @@
+"""`python -m data_tools <command>`: raw videos -> aligned paired clips -> WebDataset shards of latents.
+
+Commands: synth, scan, plan, export-clips, encode, prepare, verify, report, bench. `<command> --help` explains each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# command -> (module, one-line help); modules are imported lazily so `--help` stays fast
+COMMANDS = {
+    "synth": (
+        "data_tools.synth",
+        "write the bundled synthetic dataset (mp4 + captions + sync-event sidecars)",
+    ),
+    "scan": ("data_tools.scan", "probe every media file of a folder and collect captions -> sources.jsonl"),
+    "plan": ("data_tools.plan", "cut sources into fixed-length clips with buckets -> plan.jsonl"),
+    "export-clips": (
+        "data_tools.export",
+        "write each planned clip as an aligned mp4 to watch before encoding",
+    ),
+    "encode": ("data_tools.encode", "decode + align + encode planned clips with the codecs -> shards"),
+    "prepare": ("data_tools.prepare", "scan -> plan -> encode in one command"),
+    "verify": (
+        "data_tools.verify",
+        "re-read every shard: checksums, schema, shapes, finite values, identity",
+    ),
+    "report": ("data_tools.report", "print the kept/skipped summary of a prepared folder"),
+    "bench": (
+        "data_tools.bench",
+        "print decode / audio / encode / shard-read throughput on the synthetic data",
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_tools",
+        description="Data preparation for MOVA LoRA training: scan raw videos, plan clips, align audio to video, "
+        "encode latents with the frozen codecs of a base checkpoint, write WebDataset shards, verify them.",
+        epilog="Typical use: python -m data_tools prepare VIDEOS --checkpoint CKPT --out SHARDS; "
+        "then python -m data_tools verify SHARDS.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        doc = (module.__doc__ or help_text).strip()
+        cmd = sub.add_parser(
+            name, help=help_text, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        module.add_arguments(cmd)
+        cmd.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from data_tools.common import DataToolsError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._module.run(args) or 0)
+    except DataToolsError as e:
+        print(f"data_tools {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        # the project's user-error types (CheckpointError, ShardFormatError, MediaError, codec errors) are
+        # ValueError subclasses; a bare ValueError is a bug and keeps its traceback
+        if type(e) is ValueError:
+            raise
+        print(f"data_tools {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"data_tools {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""Decode one planned clip and put its audio and video on one time base (the `encode` and `export-clips` core).
+
+Time base: seconds on the container timeline. Video frame k of a source is shown at `video_start_s + rel_k`, where
+`rel_k` are decord's frame timestamps relative to the first frame and `video_start_s` is the first frame's
+presentation time (PyAV). Audio samples are placed by the presentation time of the decoded frames they come
+from, so stream start offsets, edit lists and AAC encoder priming (which FFmpeg either skips on decode or labels
+with earlier timestamps) are all honoured. A clip that starts at `start_s` (relative to the first video frame)
+takes frame times `start_s + k / fps` and audio from `video_start_s + start_s` on: audio sample 0 is the instant
+of video frame 0; the sub-sample rounding left over is the recorded `audio_offset_s`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from data_tools.common import TARGET_SAMPLE_RATE, DataToolsError
+
+
+class MediaDecodeError(DataToolsError):
+    """A source file (or part of it) that cannot be decoded; the message names the file."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# audio
+
+
+@dataclass
+class AudioWindow:
+    """Decoded audio of one stream: samples [C, S] at the stream's own rate, sample 0 at `start_s`."""
+
+    samples: np.ndarray  # [C, S] float32
+    sample_rate: int
+    start_s: float  # container time of sample 0
+
+
+def _frame_to_float(frame) -> np.ndarray:
+    """One PyAV AudioFrame as float32 [C, n] in [-1, 1], whatever its sample format."""
+    array = frame.to_ndarray()
+    channels = len(frame.layout.channels)
+    if not frame.format.is_planar:
+        array = array.reshape(-1, channels).T
+    name = frame.format.name.rstrip("p")
+    if name == "s16":
+        array = array.astype(np.float32) / 32768.0
+    elif name == "s32":
+        array = array.astype(np.float32) / 2147483648.0
+    elif name == "u8":
+        array = (array.astype(np.float32) - 128.0) / 128.0
+    else:
+        array = array.astype(np.float32)
+    return array
+
+
+def decode_audio(
+    path: str | os.PathLike, *, start_s: float | None = None, end_s: float | None = None
+) -> AudioWindow:
+    """Audio of the first audio stream between container times start_s and end_s (whole stream when None).
+
+    Samples are placed by frame presentation time into a zero-filled buffer, so a gap in the stream stays a gap
+    instead of pulling later audio earlier.
+    """
+    import av
+
+    margin = 0.5
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise MediaDecodeError(f"{path}: no audio stream")
+            stream = container.streams.audio[0]
+            rate = int(stream.codec_context.sample_rate)
+            tb = stream.time_base
+            if start_s is not None and start_s > 2.0:
+                # seek a little before the window: AAC needs a frame of pre-roll after a seek
+                container.seek(int((start_s - 1.0) / tb), stream=stream, backward=True)
+            pieces: list[tuple[float, np.ndarray]] = []
+            next_time: float | None = None
+            for packet in container.demux(stream):
+                for frame in packet.decode():
+                    samples = _frame_to_float(frame)
+                    t = float(frame.pts * tb) if frame.pts is not None else next_time
+                    if t is None:
+                        t = 0.0
+                    next_time = t + samples.shape[1] / rate
+                    if start_s is not None and next_time < start_s - margin:
+                        continue
+                    pieces.append((t, samples))
+                if end_s is not None and next_time is not None and next_time > end_s + margin:
+                    break
+    except av.error.FFmpegError as e:
+        raise MediaDecodeError(f"{path}: cannot decode the audio stream ({e})") from None
+    if not pieces:
+        raise MediaDecodeError(f"{path}: the audio stream has no samples in the requested range")
+    first = pieces[0][0]
+    channels = max(p[1].shape[0] for p in pieces)
+    last = max(t + p.shape[1] / rate for t, p in pieces)
+    total = int(round((last - first) * rate))
+    buffer = np.zeros((channels, total), np.float32)
+    for t, samples in pieces:
+        i0 = int(round((t - first) * rate))
+        n = min(samples.shape[1], total - i0)
+        if n > 0:
+            buffer[: samples.shape[0], i0 : i0 + n] = samples[:, :n]
+    return AudioWindow(buffer, rate, first)
+
+
+def audio_envelope(path: str | os.PathLike, hop_s: float) -> tuple[np.ndarray, float]:
+    """(RMS of the mono mixdown per hop_s bin [K], container time of bin 0), streamed: memory stays O(K) even for
+    hour-long sources."""
+    import av
+
+    sums: list[float] = []
+    counts: list[int] = []
+    first: float | None = None
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise MediaDecodeError(f"{path}: no audio stream")
+            stream = container.streams.audio[0]
+            rate = int(stream.codec_context.sample_rate)
+            hop = max(1, int(round(hop_s * rate)))
+            next_time: float | None = None
+            for frame in container.decode(stream):
+                mono = _frame_to_float(frame).mean(axis=0).astype(np.float64)
+                t = float(frame.pts * stream.time_base) if frame.pts is not None else (next_time or 0.0)
+                next_time = t + mono.shape[0] / rate
+                if first is None:
+                    first = t
+                start = int(round((t - first) * rate))
+                if start < 0:
+                    mono, start = mono[-start:], 0
+                # add each sample's energy to its bin
+                bins = (start + np.arange(mono.shape[0])) // hop
+                if bins.size == 0:
+                    continue
+                need = int(bins[-1]) + 1
+                if need > len(sums):
+                    sums.extend([0.0] * (need - len(sums)))
+                    counts.extend([0] * (need - len(counts)))
+                energy = np.bincount(bins - bins[0], weights=mono * mono)
+                number = np.bincount(bins - bins[0])
+                b0 = int(bins[0])
+                for k in range(energy.shape[0]):
+                    sums[b0 + k] += float(energy[k])
+                    counts[b0 + k] += int(number[k])
+    except av.error.FFmpegError as e:
+        raise MediaDecodeError(f"{path}: cannot decode the audio stream ({e})") from None
+    if first is None:
+        raise MediaDecodeError(f"{path}: the audio stream has no samples")
+    sums_a, counts_a = np.array(sums), np.maximum(np.array(counts), 1)
+    return np.sqrt(sums_a / counts_a + 1e-12), first
+
+
+def resample_mono(samples: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
+    """[C, S] at rate -> mono float32 [S'] at target_rate (channel mean, then soxr high-quality resampling)."""
+    mono = samples.mean(axis=0).astype(np.float32)
+    if rate == target_rate:
+        return mono
+    import librosa
+
+    return librosa.resample(mono, orig_sr=rate, target_sr=target_rate, res_type="soxr_hq").astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# video
+
+
+def first_video_time(path: str | os.PathLike) -> float:
+    """Presentation time (s) of the first decoded video frame on the container timeline."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            for frame in container.decode(stream):
+                if frame.pts is not None:
+                    return float(frame.pts * stream.time_base)
+                return float((stream.start_time or 0) * stream.time_base)
+    except (av.error.FFmpegError, IndexError) as e:
+        raise MediaDecodeError(f"{path}: cannot decode the video stream ({e})") from None
+    raise MediaDecodeError(f"{path}: the video stream has no frames")
+
+
+def frame_times(path: str | os.PathLike) -> np.ndarray:
+    """[N] start time of every frame, relative to the first frame (decord's index)."""
+    import decord
+
+    try:
+        reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+        stamps = reader.get_frame_timestamp(list(range(len(reader))))[:, 0].astype(np.float64)
+    except (decord.DECORDError, RuntimeError) as e:
+        raise MediaDecodeError(f"{path}: cannot index the video frames ({e})") from None
+    if stamps.size == 0:
+        raise MediaDecodeError(f"{path}: the video stream has no frames")
+    return stamps - stamps[0]
+
+
+def select_frames(times_rel: np.ndarray, wanted: np.ndarray, source_fps: float) -> np.ndarray:
+    """Index of the source frame on screen at each wanted time (relative to the first frame)."""
+    # a frame whose start is within a tenth of a frame (or 1 ms) of the wanted time counts as on screen
+    tolerance = min(1e-3, 0.1 / max(source_fps, 1.0))
+    index = np.searchsorted(times_rel, wanted + tolerance, side="right") - 1
+    return np.clip(index, 0, len(times_rel) - 1)
+
+
+def _decode_frames_decord(path: str, indices: np.ndarray, height: int, width: int) -> np.ndarray | None:
+    import decord
+
+    reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+    unique, inverse = np.unique(indices, return_inverse=True)
+    frames = reader.get_batch(unique.tolist()).asnumpy()
+    # decord 0.6.0 returns garbage layouts for a few small widths; the caller falls back to PyAV then
+    if frames.shape[1:] != (height, width, 3):
+        return None
+    return frames[inverse]
+
+
+def _decode_frames_pyav(path: str, indices: np.ndarray) -> np.ndarray:
+    import av
+
+    wanted = set(int(i) for i in indices)
+    decoded: dict[int, np.ndarray] = {}
+    with av.open(path) as container:
+        for index, frame in enumerate(container.decode(container.streams.video[0])):
+            if index in wanted:
+                decoded[index] = frame.to_ndarray(format="rgb24")
+            if index >= max(wanted):
+                break
+    missing = wanted - set(decoded)
+    if missing:
+        raise MediaDecodeError(f"{path}: frames {sorted(missing)[:5]} could not be decoded (truncated file?)")
+    return np.stack([decoded[int(i)] for i in indices])
+
+
+def decode_frames(path: str | os.PathLike, indices: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 [len(indices), H, W, 3] RGB frames at the source size."""
+    import av
+    import decord
+
+    try:
+        frames = _decode_frames_decord(str(path), indices, height, width)
+        if frames is None:
+            frames = _decode_frames_pyav(str(path), indices)
+    except (decord.DECORDError, RuntimeError, av.error.FFmpegError) as e:
+        raise MediaDecodeError(f"{path}: cannot decode video frames ({e})") from None
+    return frames
+
+
+def resize_cover(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 [N, h, w, 3] -> [N, height, width, 3]: scale to cover the target (keep aspect), centre-crop."""
+    import torch
+    import torch.nn.functional as F
+
+    n, h, w, _ = frames.shape
+    if (h, w) == (height, width):
+        return frames
+    scale = max(height / h, width / w)
+    new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    out = np.empty((n, height, width, 3), np.uint8)
+    for i0 in range(0, n, 16):  # chunks bound the float memory for long 720p clips
+        x = torch.from_numpy(frames[i0 : i0 + 16]).permute(0, 3, 1, 2).float()  # [n, 3, h, w]
+        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+        x = x[:, :, top : top + height, left : left + width]
+        out[i0 : i0 + 16] = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# one clip
+
+
+@dataclass
+class AlignedClip:
+    frames: np.ndarray  # uint8 [N, H, W, 3]
+    audio: np.ndarray  # float32 [S] mono at sample_rate
+    sample_rate: int
+    audio_offset_s: float  # time of audio sample 0 minus time of video frame 0 after alignment
+    stream_offset_s: float  # measured: audio content start minus first video frame, corrected for
+    notes: list[str] = field(default_factory=list)
+
+    def content_sha256(self, caption: str) -> str:
+        digest = hashlib.sha256()
+        digest.update(np.ascontiguousarray(self.frames).tobytes())
+        digest.update(np.ascontiguousarray(self.audio, dtype="<f4").tobytes())
+        digest.update(caption.encode("utf-8"))
+        return digest.hexdigest()
+
+
+def num_audio_samples(num_frames: int, fps: float, sample_rate: int = TARGET_SAMPLE_RATE) -> int:
+    """floor(sr * N / fps): the reference's audio length for N frames (386,000 for 193 frames at 24 fps)."""
+    return int(math.floor(sample_rate * num_frames / fps + 1e-9))
+
+
+def load_clip(row: dict, *, sample_rate: int = TARGET_SAMPLE_RATE) -> AlignedClip:
+    """Decode, resize/crop and align one clip-plan row (see the module docstring for the time base)."""
+    path = row["path"]
+    fps, num_frames = float(row["fps"]), int(row["num_frames"])
+    start_s = float(row["start_s"])
+    notes: list[str] = []
+
+    times = frame_times(path)
+    wanted = start_s + np.arange(num_frames) / fps
+    indices = select_frames(times, wanted, float(row.get("source_fps") or fps))
+    if wanted[-1] > times[-1] + 1.5 / max(float(row.get("source_fps") or fps), 1.0):
+        raise MediaDecodeError(f"{path}: clip {row['clip_id']} runs past the last video frame")
+    frames = decode_frames(path, indices, int(row["source_height"]), int(row["source_width"]))
+    frames = resize_cover(frames, int(row["height"]), int(row["width"]))
+
+    video_t0 = float(row["video_start_s"]) + start_s  # container time of clip frame 0
+    count = num_audio_samples(num_frames, fps, sample_rate)
+    window = decode_audio(path, start_s=video_t0, end_s=video_t0 + count / sample_rate)
+    audio = resample_mono(window.samples, window.sample_rate, sample_rate)
+    exact = (video_t0 - window.start_s) * sample_rate
+    first = int(round(exact))
+    residual = (first - exact) / sample_rate
+    lead = max(0, -first)
+    piece = audio[max(0, first) : max(0, first) + count - lead]
+    tail = count - lead - piece.shape[0]
+    if lead or tail:
+        notes.append(
+            f"audio padded with silence: {lead / sample_rate:.3f} s before, {tail / sample_rate:.3f} s after"
+        )
+    aligned = np.concatenate([np.zeros(lead, np.float32), piece, np.zeros(tail, np.float32)])
+    stream_offset = float(row.get("audio_start_s", 0.0)) - float(row["video_start_s"])
+    return AlignedClip(frames, aligned, sample_rate, residual, stream_offset, notes)

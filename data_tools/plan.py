@@ -1,0 +1,366 @@
+"""`data_tools plan`: cut usable sources into fixed-length clips, one bucket per source -> `plan.jsonl`.
+
+Clips are `--frames` frames at `--fps` (default 193 at 24 fps, about 8.04 s) and start every `--stride` frames.
+The usable span of a source is where both video and audio exist on the common time base. Each cut is moved by up
+to `--max-shift` seconds to the quietest nearby instant (RMS energy of the soundtrack, onsets weighted in) so a
+clip does not start or end inside a word or a sound event. Every rejected span gets a row with its reason:
+source too short, a tail shorter than a clip, a gap left by a moved cut, a silent clip (`--skip-silent`), a frozen
+picture (`--skip-frozen`), or a source skipped by scan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+
+from data_tools.align import MediaDecodeError, audio_envelope, decode_frames, frame_times, select_frames
+from data_tools.common import (
+    DEFAULT_BUCKETS,
+    DEFAULT_FPS,
+    DEFAULT_FRAMES,
+    PLAN_NAME,
+    Bucket,
+    DataToolsError,
+    check_fps,
+    check_frames,
+    choose_bucket,
+    ensure_writable_dir,
+    log,
+    parse_buckets,
+    progress,
+    read_jsonl,
+    write_jsonl_atomic,
+)
+
+ENERGY_HOP_S = 0.01
+AUDIO_SLACK_S = 0.02
+EPS = 1e-6
+
+
+def audio_energy(row: dict) -> tuple[np.ndarray, float]:
+    """(RMS envelope [K] of the source soundtrack on a 10 ms grid, time of bin 0 relative to video frame 0)."""
+    rms, start = audio_envelope(row["path"], ENERGY_HOP_S)
+    return rms, start - float(row["video_start_s"])
+
+
+def cut_cost(rms: np.ndarray, t0: float, t: float) -> float:
+    """Energy around instant t (seconds, video time): the RMS over +-30 ms plus the rise into t (onsets)."""
+    center = (t - t0) / ENERGY_HOP_S
+    lo, hi = int(math.floor(center - 3)), int(math.ceil(center + 3))
+    lo, hi = max(lo, 0), min(hi, rms.shape[0])
+    if hi <= lo:
+        return 0.0
+    seg = rms[lo:hi]
+    onset = float(np.clip(np.diff(seg), 0, None).sum()) if seg.size > 1 else 0.0
+    return float(seg.mean()) + onset
+
+
+def clip_db(rms: np.ndarray, t0: float, start: float, end: float) -> float:
+    lo, hi = int((start - t0) / ENERGY_HOP_S), int(math.ceil((end - t0) / ENERGY_HOP_S))
+    seg = rms[max(lo, 0) : max(hi, 0)]
+    if seg.size == 0:
+        return -120.0
+    return float(20 * np.log10(np.sqrt(np.mean(seg**2)) + 1e-6))
+
+
+def frozen_score(row: dict, start: float, num_frames: int, fps: float) -> float:
+    """Mean absolute change (0-255) between 8 evenly spaced frames of the clip; ~0 for a frozen picture."""
+    times = frame_times(row["path"])
+    wanted = start + np.linspace(0, (num_frames - 1) / fps, 8)
+    indices = select_frames(times, wanted, float(row["fps"]))
+    frames = decode_frames(row["path"], indices, row["height"], row["width"]).astype(np.float32)
+    return float(np.abs(np.diff(frames, axis=0)).mean())
+
+
+def _span(row: dict, clip_id: str, start: float, end: float, reason: str) -> dict:
+    return {
+        "clip_id": clip_id,
+        "source_id": row["source_id"],
+        "relpath": row["relpath"],
+        "status": "rejected",
+        "reason": reason,
+        "start_s": round(start, 6),
+        "end_s": round(end, 6),
+    }
+
+
+def plan_source(
+    row: dict,
+    *,
+    num_frames: int,
+    fps: float,
+    buckets: tuple[Bucket, ...],
+    stride: int,
+    min_frames: int,
+    max_shift_s: float,
+    skip_silent: bool,
+    silence_db: float,
+    skip_frozen: bool,
+    frozen_threshold: float,
+) -> list[dict]:
+    """Clip rows (kept and rejected) of one usable source."""
+    duration = num_frames / fps
+    stride_s = stride / fps
+    video_end = float(row["duration_s"])
+    audio_lo = float(row["audio_start_s"]) - float(row["video_start_s"])
+    audio_hi = audio_lo + float(row["audio_duration_s"])
+    # audio may end up to AUDIO_SLACK_S before the video's end (AAC frame and edit-list rounding); the missing
+    # instant is padded with silence and noted by `encode`
+    lo, hi = max(0.0, audio_lo), min(video_end, audio_hi + AUDIO_SLACK_S)
+    # start on the target frame grid so that CFR sources at the target rate keep their original frames
+    lo = math.ceil(lo * fps - EPS) / fps
+    sid = row["source_id"]
+    if hi - lo < duration - EPS:
+        return [
+            _span(
+                row,
+                f"{sid}-span",
+                lo,
+                hi,
+                f"source has {max(0.0, hi - lo):.3f} s with both video and audio, shorter than one clip "
+                f"({num_frames} frames at {fps:g} fps = {duration:.3f} s)",
+            )
+        ]
+    bucket = choose_bucket(int(row["width"]), int(row["height"]), buckets)
+    rms, rms_t0 = audio_energy(row)
+    grid = 1.0 / fps
+    shift_steps = int(math.floor(max_shift_s * fps + EPS))
+    # background level: the 20th percentile of the envelope (a steady tone or room noise), with 50% headroom
+    quiet = 1.5 * float(np.percentile(rms, 20)) if rms.size else 0.0
+
+    starts: list[float] = []
+    rejected: list[tuple[float, float, str]] = []
+    nominal, earliest = lo, lo
+    while True:
+        candidates = [nominal + k * grid for k in range(-shift_steps, shift_steps + 1)]
+        candidates = [s for s in candidates if s >= earliest - EPS and s + duration <= hi + EPS]
+        if not candidates:
+            break
+        # quietest cut at both ends; anything near the background level counts as quiet, so a cut only moves
+        # away from real sound and ties go to the smallest move
+        best = min(
+            candidates,
+            key=lambda s: (
+                max(cut_cost(rms, rms_t0, s), quiet) + max(cut_cost(rms, rms_t0, s + duration), quiet),
+                abs(s - nominal),
+            ),
+        )
+        prev_end = starts[-1] + duration if starts else lo
+        if best - prev_end > EPS and (not starts or stride >= num_frames):
+            rejected.append((prev_end, best, "left out so that clips do not cut inside sound"))
+        starts.append(best)
+        earliest = best + min(stride_s, duration)
+        nominal = best + stride_s
+    last_end = starts[-1] + duration
+    tail = hi - last_end
+    if tail > EPS:
+        tail_frames = int(math.floor(tail * fps + EPS))
+        if min_frames < num_frames and tail_frames >= min_frames and hi - duration > starts[-1] + EPS:
+            starts.append(math.floor((hi - duration) * fps + EPS) / fps)
+        elif tail > 0.5 / fps:
+            rejected.append(
+                (last_end, hi, f"tail of {tail:.3f} s is shorter than one clip ({duration:.3f} s)")
+            )
+
+    rows: list[dict] = []
+    for index, start in enumerate(starts):
+        clip_id = f"{sid}-{index:04d}"
+        end = start + duration
+        clip = {
+            "clip_id": clip_id,
+            "source_id": sid,
+            "path": row["path"],
+            "relpath": row["relpath"],
+            "status": "kept",
+            "reason": "",
+            "start_s": round(start, 6),
+            "end_s": round(end, 6),
+            "fps": fps,
+            "num_frames": num_frames,
+            "bucket": bucket.name,
+            "height": bucket.height,
+            "width": bucket.width,
+            "caption": row["caption"],
+            "source_fps": row["fps"],
+            "source_width": row["width"],
+            "source_height": row["height"],
+            "video_start_s": row["video_start_s"],
+            "audio_start_s": row["audio_start_s"],
+            "audio_db": round(clip_db(rms, rms_t0, start, end), 2),
+            "cut_rms": [
+                round(cut_cost(rms, rms_t0, start), 6),
+                round(cut_cost(rms, rms_t0, end), 6),
+            ],
+        }
+        if skip_silent and clip["audio_db"] < silence_db:
+            clip.update(
+                status="rejected", reason=f"silent ({clip['audio_db']:.1f} dBFS < {silence_db:g} dBFS)"
+            )
+        elif skip_frozen:
+            score = frozen_score(row, start, num_frames, fps)
+            clip["motion"] = round(score, 4)
+            if score < frozen_threshold:
+                clip.update(status="rejected", reason=f"frozen picture (mean change {score:.2f}/255)")
+        rows.append(clip)
+    for k, (start, end, reason) in enumerate(rejected):
+        rows.append(_span(row, f"{sid}-gap{k}", start, end, reason))
+    rows.sort(key=lambda r: (r["start_s"], r["clip_id"]))
+    return rows
+
+
+def default_max_shift(num_frames: int, fps: float) -> float:
+    """An eighth of a clip, at most 1 s: enough to step out of a word without losing much material."""
+    return round(min(1.0, 0.125 * num_frames / fps), 6)
+
+
+def plan(
+    sources: list[dict],
+    *,
+    num_frames: int = DEFAULT_FRAMES,
+    fps: float = DEFAULT_FPS,
+    buckets: tuple[Bucket, ...] | str = DEFAULT_BUCKETS,
+    stride: int | None = None,
+    min_frames: int | None = None,
+    max_shift_s: float | None = None,
+    skip_silent: bool = False,
+    silence_db: float = -50.0,
+    skip_frozen: bool = False,
+    frozen_threshold: float = 1.0,
+) -> list[dict]:
+    """Rows of the clip plan: kept clips (the ones `encode` will process) and rejected spans, with reasons."""
+    check_frames(num_frames)
+    check_fps(fps)
+    if isinstance(buckets, str):
+        buckets = parse_buckets(buckets)
+    stride = num_frames if stride is None else int(stride)
+    if stride < 1:
+        raise DataToolsError(f"--stride {stride}: must be at least 1 frame")
+    min_frames = num_frames if min_frames is None else int(min_frames)
+    if min_frames < 1:
+        raise DataToolsError(f"--min-frames {min_frames}: must be at least 1")
+    if max_shift_s is None:
+        max_shift_s = default_max_shift(num_frames, fps)
+    if max_shift_s < 0:
+        raise DataToolsError(f"--max-shift {max_shift_s}: must not be negative")
+    rows: list[dict] = []
+    for src in progress(sources, total=len(sources), desc="plan", unit="source"):
+        if src.get("status") != "ok":
+            rows.append(
+                {
+                    "clip_id": f"{src.get('source_id', 'source')}-source",
+                    "source_id": src.get("source_id", ""),
+                    "relpath": src.get("relpath", ""),
+                    "status": "rejected",
+                    "reason": f"source skipped by scan: {src.get('reason', '')}",
+                }
+            )
+            continue
+        try:
+            rows.extend(
+                plan_source(
+                    src,
+                    num_frames=num_frames,
+                    fps=fps,
+                    buckets=buckets,
+                    stride=stride,
+                    min_frames=min_frames,
+                    max_shift_s=max_shift_s,
+                    skip_silent=skip_silent,
+                    silence_db=silence_db,
+                    skip_frozen=skip_frozen,
+                    frozen_threshold=frozen_threshold,
+                )
+            )
+        except MediaDecodeError as e:
+            rows.append(
+                _span(src, f"{src['source_id']}-source", 0.0, float(src.get("duration_s", 0)), str(e))
+            )
+    return rows
+
+
+def add_plan_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--fps", type=float, default=DEFAULT_FPS, help=f"clip frame rate (default {DEFAULT_FPS:g})"
+    )
+    parser.add_argument(
+        "--frames", type=int, default=DEFAULT_FRAMES, help=f"frames per clip, 4k+1 (default {DEFAULT_FRAMES})"
+    )
+    parser.add_argument(
+        "--buckets",
+        default=DEFAULT_BUCKETS,
+        help=f"frame sizes HxW, multiples of 16; each source gets the closest aspect (default {DEFAULT_BUCKETS})",
+    )
+    parser.add_argument(
+        "--stride", type=int, default=None, help="frames between clip starts (default: --frames)"
+    )
+    parser.add_argument(
+        "--min-frames",
+        type=int,
+        default=None,
+        help="keep a source's tail of at least this many frames as one more clip ending at the source's end "
+        "(overlapping the previous one); default --frames (tails are dropped)",
+    )
+    parser.add_argument(
+        "--max-shift",
+        type=float,
+        default=None,
+        help="seconds a cut may move to avoid cutting inside sound (default: 1/8 clip, at most 1 s; 0 disables)",
+    )
+    parser.add_argument("--skip-silent", action="store_true", help="reject clips quieter than --silence-db")
+    parser.add_argument(
+        "--silence-db", type=float, default=-50.0, help="silence threshold in dBFS (default -50)"
+    )
+    parser.add_argument(
+        "--skip-frozen", action="store_true", help="reject clips whose picture does not change"
+    )
+    parser.add_argument(
+        "--frozen-threshold",
+        type=float,
+        default=1.0,
+        help="mean frame change (0-255) below which a clip is frozen",
+    )
+
+
+def plan_kwargs(args: argparse.Namespace) -> dict:
+    return {
+        "num_frames": check_frames(args.frames),
+        "fps": check_fps(args.fps),
+        "buckets": parse_buckets(args.buckets),
+        "stride": args.stride,
+        "min_frames": args.min_frames,
+        "max_shift_s": default_max_shift(args.frames, args.fps) if args.max_shift is None else args.max_shift,
+        "skip_silent": args.skip_silent,
+        "silence_db": args.silence_db,
+        "skip_frozen": args.skip_frozen,
+        "frozen_threshold": args.frozen_threshold,
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sources", required=True, help="sources table written by `scan`")
+    parser.add_argument("--out", required=True, help=f"where to write the clip plan (e.g. work/{PLAN_NAME})")
+    add_plan_options(parser)
+
+
+def summarize_plan(rows: list[dict]) -> str:
+    kept = [r for r in rows if r["status"] == "kept"]
+    buckets: dict[str, int] = {}
+    for r in kept:
+        buckets[r["bucket"]] = buckets.get(r["bucket"], 0) + 1
+    seconds = sum(r["end_s"] - r["start_s"] for r in kept)
+    text = ", ".join(f"{b}: {n}" for b, n in sorted(buckets.items())) or "none"
+    return f"plan: {len(kept)} clips ({seconds / 3600:.3f} h) in buckets {text}; {len(rows) - len(kept)} rejected spans"
+
+
+def run(args: argparse.Namespace) -> int:
+    kwargs = plan_kwargs(args)
+    sources = read_jsonl(args.sources, what="sources table")
+    out = Path(args.out)
+    ensure_writable_dir(out.parent)
+    rows = plan(sources, **kwargs)
+    write_jsonl_atomic(out, rows)
+    log(summarize_plan(rows))
+    return 0
