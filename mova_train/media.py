@@ -116,7 +116,12 @@ def write_mp4(
             # between identical runs in 2 of 12 trials with the bundled PyAV build; asm=0 gave 20/20 identical files.
             vstream.codec_context.thread_count = 1
             if codec == "libx264":
-                vstream.options = {"crf": str(crf), "preset": "medium", "threads": "1", "x264-params": "asm=0"}
+                vstream.options = {
+                    "crf": str(crf),
+                    "preset": "medium",
+                    "threads": "1",
+                    "x264-params": "asm=0",
+                }
             else:
                 vstream.codec_context.bit_rate = int(8 * width * height * float(rate))
             astream = None
