@@ -1,0 +1,1 @@
+"""LoRA training of MOVA: objective, loop, checkpoint/resume, distributed plumbing, tracking (`trainer.run`)."""

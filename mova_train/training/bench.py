@@ -1,0 +1,220 @@
+"""`python -m mova_train.bench train`: training-step time, samples/s, tokens/s and peak memory.
+
+CPU: the real trainer (`Trainer`, one process, no DeepSpeed) on a tiny checkpoint with random latent shards,
+written to a temporary folder. GPU (when CUDA is available): the full-size architecture with random weights at
+360p x 193 frames, one expert per step (video_dit_2 + audio tower + bridge, as a voice LoRA step), bf16, activation
+checkpointing, the trainer's objective and masked AdamW over the LoRA parameters; achieved TFLOP/s from the
+analytic count of `mova_train.models.flops` (frozen base: no weight gradients; recompute counted as hardware FLOPs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mova_train.config import PROJECT_ROOT
+
+
+def add_bench_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps (default 8)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    parser.add_argument("--cpu-only", action="store_true", help="skip the full-size GPU measurement")
+    parser.add_argument(
+        "--gpu-config",
+        default="mova_360p",
+        choices=("mova_360p", "mova_720p"),
+        help="architecture for the GPU run",
+    )
+    parser.add_argument("--frames", type=int, default=193, help="pixel frames of the GPU clip (default 193)")
+    parser.add_argument("--height", type=int, default=352, help="GPU clip height (default 352)")
+    parser.add_argument("--width", type=int, default=640, help="GPU clip width (default 640)")
+    parser.add_argument("--lora", default="voice", help="LoRA preset bundle of configs/lora/ (default voice)")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="tiny checkpoint to use on CPU (default: write one to a temp folder)",
+    )
+
+
+def _summary(
+    label: str, times: list[float], samples_per_step: int, tokens_per_step: int, mem_gb: float
+) -> None:
+    step = statistics.median(times)
+    print(
+        f"[{label}] step {step * 1e3:.1f} ms (median of {len(times)}, min {min(times) * 1e3:.1f}), "
+        f"{samples_per_step / step:.2f} samples/s, {tokens_per_step / step:,.0f} tokens/s, peak memory {mem_gb:.2f} GiB"
+    )
+
+
+def run_cpu_bench(args: argparse.Namespace) -> None:
+    """The full trainer, one process on CPU, tiny checkpoint, 17 frames at 64x96."""
+    from hydra import compose, initialize_config_dir
+
+    from mova_train.config import register_configs
+    from mova_train.make_tiny import write_tiny_checkpoint
+    from mova_train.training.synthetic import write_random_shards_for
+    from mova_train.training.trainer import Trainer, to_train_config, validate_config
+
+    with tempfile.TemporaryDirectory(prefix="mova-train-bench-") as tmp:
+        root = Path(tmp)
+        ckpt = (
+            Path(args.checkpoint) if args.checkpoint else write_tiny_checkpoint(root / "checkpoint", seed=0)
+        )
+        shards = write_random_shards_for(
+            ckpt, root / "shards", num_clips=4, num_shards=2, num_frames=17, height=64, width=96
+        )
+        register_configs()
+        total = args.warmup + args.steps
+        with initialize_config_dir(config_dir=str(PROJECT_ROOT / "configs"), version_base=None):
+            cfg = compose(
+                config_name="train",
+                overrides=[
+                    "+experiment=tiny_demo",
+                    f"model.checkpoint={ckpt}",
+                    f"data.shards={shards}",
+                    f"trainer.run_dir={root / 'run'}",
+                    f"trainer.max_steps={total}",
+                    f"trainer.save_every={total + 1}",
+                    "trainer.num_threads=null",
+                    "tracking.mode=disabled",
+                    "tracking.progress_bar=false",
+                ],
+            )
+        trainer = Trainer(validate_config(to_train_config(cfg)))
+        trainer.setup()
+        rows = []
+        write = trainer.log_step
+        trainer.log_step = lambda row: (rows.append(dict(row)), write(row))
+        trainer.train()
+    timed = rows[args.warmup :]
+    tokens = statistics.median(r["tokens_per_s"] * r["step_time_s"] for r in timed)
+    print(
+        f"train bench: tiny config on CPU, fp32, {torch.get_num_threads()} threads, LoRA preset 'tiny', batch 1"
+    )
+    _summary("tiny/cpu", [r["step_time_s"] for r in timed], 1, round(tokens), max(r["mem_gb"] for r in timed))
+
+
+def run_gpu_bench(args: argparse.Namespace, device: str = "cuda", config_name: str | None = None) -> None:
+    """Full size, random weights, one expert per step; the trainer's objective and optimizer.
+
+    `device`/`config_name` exist so the same path can be smoke-checked on CPU with the tiny config."""
+    from mova_train.config import ObjectiveConfig, OptimConfig
+    from mova_train.lora import apply_lora, lora_config_from_name
+    from mova_train.models import (
+        FlowMatchScheduler,
+        build_mova,
+        get_model_config,
+        set_activation_checkpointing,
+    )
+    from mova_train.models.flops import step_flops
+    from mova_train.training.objective import FlowMatchingObjective
+    from mova_train.training.optim import build_optimizer, set_step_hyperparams
+
+    gpu = torch.device(device)
+    config_name = config_name or args.gpu_config
+    config = get_model_config(config_name)
+    on_cuda = gpu.type == "cuda"
+    dtype = torch.bfloat16 if on_cuda else torch.float32
+    components = ("video_dit_2", "audio_dit", "dual_tower_bridge")
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(gpu)
+    model = build_mova(config, components=components, device=gpu, dtype=dtype, seed=0)
+    model.requires_grad_(False)
+    lora_cfg = lora_config_from_name(args.lora)
+    lora_cfg.targets = {c: p for c, p in lora_cfg.targets.items() if c in components}
+    torch.manual_seed(0)
+    apply_lora(model, lora_cfg)
+    set_activation_checkpointing(model, True)
+    model.train()
+    optim_cfg = OptimConfig(warmup_steps=0, schedule="constant")
+    optimizer = build_optimizer(model, optim_cfg)
+    objective = FlowMatchingObjective(
+        ObjectiveConfig(expert="only:video_dit_2"),
+        FlowMatchScheduler.from_config(config.scheduler),
+        config.boundary_timestep,
+        seed=0,
+    )
+    if (args.frames - 1) % 4 or args.height % 16 or args.width % 16:
+        raise ValueError(
+            f"--frames must be 4k+1 and --height/--width multiples of 16, got {args.frames}, {args.height}x{args.width}"
+        )
+    t, h, w = (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8
+    audio_len = math.ceil(48000 * args.frames / 24 / 960)
+    g = torch.Generator().manual_seed(0)
+    video = torch.randn(1, 16, t, h, w, generator=g).to(gpu)  # [B, 16, T, h, w]
+    first = torch.randn(1, 16, t, h, w, generator=g).to(gpu)
+    audio = torch.randn(1, config.audio_latent_dim, audio_len, generator=g).to(gpu)  # [B, Ca, L]
+    text = torch.randn(1, config.text_len, config.text_dim, generator=g).to(gpu)  # [B, 512, Dt]
+    pt, ph, pw = config.video_dit.patch_size
+    video_tokens = (t // pt) * (h // ph) * (w // pw)
+    params = [p for grp in optimizer.param_groups for p in grp["params"]]
+    weights_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+
+    def step(i: int) -> None:
+        set_step_hyperparams(optimizer, optim_cfg, i, 10**6, set(components))
+        inputs = objective.prepare(video, first, audio, text, micro_step=i, generator=g)
+        with torch.autocast(gpu.type, dtype=torch.bfloat16, enabled=on_cuda):
+            pv, pa = model(
+                inputs.noisy_video.to(dtype),
+                inputs.video_cond.to(dtype),
+                inputs.noisy_audio.to(dtype),
+                inputs.text.to(dtype),
+                inputs.timestep_video,
+                inputs.timestep_audio,
+                expert=inputs.expert,
+            )
+        loss, _, _ = objective.loss(pv, pa, inputs)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def sync() -> None:
+        if on_cuda:
+            torch.cuda.synchronize(gpu)
+
+    for i in range(args.warmup):
+        step(i)
+    sync()
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(gpu)
+    times = []
+    for i in range(args.steps):
+        start = time.perf_counter()
+        step(args.warmup + i)
+        sync()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(gpu) / 2**30 if on_cuda else float("nan")
+    flops = step_flops(config, video_tokens=video_tokens, audio_tokens=audio_len, text_tokens=config.text_len)
+    model_flops, hw_flops = flops.train_step(weight_grads=False, recompute=True)
+    step_s = statistics.median(times)
+    print(
+        f"train bench: {config_name} random weights, video_dit_2 + audio_dit + bridge (one expert per step), "
+        f"LoRA '{args.lora}', {dtype} weights, activation checkpointing, {args.frames} frames "
+        f"{args.height}x{args.width} on {torch.cuda.get_device_name(gpu) if on_cuda else 'CPU'}; "
+        f"weights {weights_gb:.1f} GiB"
+    )
+    _summary(config_name, times, 1, video_tokens + audio_len, peak)
+    print(
+        f"[{config_name}] {video_tokens} video + {audio_len} audio tokens; achieved {model_flops / step_s / 1e12:.3f} "
+        f"TFLOP/s model ({hw_flops / step_s / 1e12:.1f} TFLOP/s with recompute)"
+    )
+
+
+def run_train_bench(args: argparse.Namespace) -> int:
+    if args.steps < 1 or args.warmup < 0:
+        raise ValueError("--steps must be >= 1 and --warmup >= 0")
+    run_cpu_bench(args)
+    if args.cpu_only:
+        return 0
+    if not torch.cuda.is_available():
+        print("no CUDA device: skipping the full-size measurement")
+        return 0
+    run_gpu_bench(args)
+    return 0

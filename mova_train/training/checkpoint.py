@@ -1,0 +1,271 @@
+"""Training checkpoints: atomic step folders, fingerprints that refuse an incompatible resume, RNG streams and
+the optimizer state of non-DeepSpeed runs, in safetensors + JSON (never pickle).
+
+Layout of `<run_dir>/checkpoints/step-XXXXXXXX/` (written as `.tmp-step-XXXXXXXX`, renamed when complete):
+
+    trainer_state.json          step, counters, fingerprint, base identity, LoRA config (written last)
+    adapter/                    adapters.safetensors + adapter_config.json (consolidated, also under ZeRO-3)
+    optimizer.safetensors/.json optimizer state without DeepSpeed (moments as tensors, hyper-parameters as JSON)
+    deepspeed/                  DeepSpeed engine checkpoint (per-rank ZeRO partitions) with DeepSpeed
+    rank{N}/rng.safetensors     torch CPU/CUDA RNG + the objective's generator of rank N
+    rank{N}/state.json          python/numpy RNG and the data-loader position of rank N
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from mova_train.checkpoint_io import read_json, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+STATE_FILE = "trainer_state.json"
+STATE_VERSION = 1
+_STEP_DIR = re.compile(r"^step-(\d{8,})$")
+_TMP_PREFIX = ".tmp-step-"
+
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot be resumed from: missing, incomplete, or saved by an incompatible run."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first. In-progress ones live under a dot-name and are not listed."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        m = _STEP_DIR.match(child.name)
+        if m and child.is_dir() and (child / STATE_FILE).is_file():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def find_latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def resolve_resume(resume: str, run_dir: Path) -> Path | None:
+    """`auto`: latest complete checkpoint of run_dir (None if there is none); `never`: None; else a checkpoint
+    folder, or a run dir whose latest checkpoint is taken."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return find_latest_checkpoint(run_dir)
+    path = Path(resume)
+    if (path / STATE_FILE).is_file():
+        return path
+    latest = find_latest_checkpoint(path)
+    if latest is None:
+        raise ResumeError(
+            f"trainer.resume={resume!r}: neither a checkpoint folder (with {STATE_FILE}) nor a run dir with "
+            f"complete checkpoints under {CHECKPOINTS_DIR}/"
+        )
+    return latest
+
+
+def read_trainer_state(ckpt: Path) -> dict:
+    state = read_json(ckpt / STATE_FILE)
+    if state.get("version") != STATE_VERSION:
+        raise ResumeError(
+            f"{ckpt / STATE_FILE}: version {state.get('version')!r}, this trainer reads {STATE_VERSION}"
+        )
+    return state
+
+
+def check_fingerprint(saved: dict, current: dict, *, where: str) -> None:
+    """Refuse to resume when any fingerprint field differs, naming every differing field."""
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key):
+            diffs.append(f"{key}: checkpoint has {saved.get(key)!r}, this run has {current.get(key)!r}")
+    if diffs:
+        raise ResumeError(
+            f"cannot resume from {where}: the run changed in a way the saved state cannot follow:\n  "
+            + "\n  ".join(diffs)
+            + "\nUse another trainer.run_dir (or trainer.resume=never) to start a new run."
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Atomic step folders
+
+
+def begin_checkpoint(run_dir: Path, step: int) -> Path:
+    """Create the in-progress folder for `step` (main process only); stale leftovers of it are removed."""
+    tmp = Path(run_dir) / CHECKPOINTS_DIR / f"{_TMP_PREFIX}{step:08d}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_checkpoint(tmp: Path, keep_last: int) -> Path:
+    """Rename the finished folder into place, then prune older complete checkpoints (main process only)."""
+    final = tmp.parent / tmp.name.replace(_TMP_PREFIX, "step-")
+    if final.exists():  # an older run reached the same step; the new one replaces it only once complete
+        old = final.with_name(final.name + ".old")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if keep_last > 0:
+        for _, path in list_checkpoints(final.parent.parent)[:-keep_last]:
+            shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def remove_stale_tmp(run_dir: Path) -> None:
+    """In-progress folders left by a crash are incomplete by definition."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if root.is_dir():
+        for child in root.iterdir():
+            if child.name.startswith(_TMP_PREFIX) or child.name.endswith(".old"):
+                logger.warning("removing incomplete checkpoint %s", child)
+                shutil.rmtree(child, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RNG streams and the per-rank state
+
+
+def save_rank_state(ckpt: Path, rank: int, generator: torch.Generator, loader_state: dict) -> None:
+    """Every RNG stream of this rank plus its data position, in `rank{N}/`."""
+    folder = ckpt / f"rank{rank}"
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {"torch_cpu": torch.get_rng_state(), "objective": generator.get_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    _save_tensors_atomic(folder / "rng.safetensors", tensors)
+    py_version, py_state, py_gauss = random.getstate()
+    np_state = np.random.get_state()
+    write_json_atomic(
+        folder / "state.json",
+        {
+            "python_random": [py_version, list(py_state), py_gauss],
+            "numpy_random": [
+                np_state[0],
+                np_state[1].tolist(),
+                int(np_state[2]),
+                int(np_state[3]),
+                float(np_state[4]),
+            ],
+            "loader": loader_state,
+        },
+    )
+
+
+def load_rank_state(ckpt: Path, rank: int, generator: torch.Generator) -> dict:
+    """Restore this rank's RNG streams; returns its loader state."""
+    folder = ckpt / f"rank{rank}"
+    if not (folder / "rng.safetensors").is_file() or not (folder / "state.json").is_file():
+        raise ResumeError(f"{ckpt} has no state for rank {rank} ({folder}): saved with fewer processes?")
+    tensors = load_file(str(folder / "rng.safetensors"))
+    torch.set_rng_state(tensors["torch_cpu"])
+    generator.set_state(tensors["objective"])
+    if torch.cuda.is_available():
+        cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    state = read_json(folder / "state.json")
+    version, py_state, gauss = state["python_random"]
+    random.setstate((version, tuple(py_state), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy_random"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    return state["loader"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimizer state without DeepSpeed (the moments of the trainable parameters only)
+
+
+def save_optimizer_state(ckpt: Path, optimizer: torch.optim.Optimizer) -> None:
+    """`optimizer.safetensors` (moments keyed by parameter name) + `optimizer.json` (hyper-parameters)."""
+    tensors: dict[str, torch.Tensor] = {}
+    groups = []
+    for group in optimizer.param_groups:
+        names = group["names"]
+        for name, p in zip(names, group["params"]):
+            for key, value in optimizer.state.get(p, {}).items():
+                if not torch.is_tensor(value):
+                    value = torch.tensor(value)
+                tensors[f"{name}::{key}"] = value
+        groups.append({k: v for k, v in group.items() if k != "params"})
+    _save_tensors_atomic(ckpt / "optimizer.safetensors", tensors)
+    write_json_atomic(ckpt / "optimizer.json", {"param_groups": _jsonable(groups)})
+
+
+def load_optimizer_state(ckpt: Path, optimizer: torch.optim.Optimizer) -> None:
+    """Restore moments by parameter name; the groups must hold the same parameters as when saved."""
+    saved = read_json(ckpt / "optimizer.json")["param_groups"]
+    if [g["names"] for g in saved] != [g["names"] for g in optimizer.param_groups]:
+        raise ResumeError(f"{ckpt / 'optimizer.json'}: the trainable parameters differ from this run's")
+    tensors = load_file(str(ckpt / "optimizer.safetensors"))
+    for group, saved_group in zip(optimizer.param_groups, saved):
+        for key, value in saved_group.items():
+            if key not in ("names", "lr", "active"):
+                group[key] = tuple(value) if key == "betas" else value
+        for name, p in zip(group["names"], group["params"]):
+            entries = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.split("::", 1)[0] == name}
+            if entries:
+                optimizer.state[p] = {k: v.to(p.device) if k != "step" else v for k, v in entries.items()}
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if torch.is_tensor(obj):
+        return obj.tolist()
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return repr(obj)
+
+
+def write_trainer_state(ckpt: Path, state: dict) -> None:
+    write_json_atomic(ckpt / STATE_FILE, {"version": STATE_VERSION, **state})
+
+
+def dumps_canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))

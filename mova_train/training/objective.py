@@ -1,0 +1,154 @@
+"""Flow-matching objective of MOVA training (spec §7, §8, §12, §16): which expert a micro-step trains, its
+timesteps, the noised inputs and the weighted video + audio velocity loss.
+
+Timesteps are always entries of the scheduler's 1000-entry shifted training table, in t units (t = 1000·σ),
+and the expert that owns them is decided by the one router `mova_train.models.expert_for_timestep`.
+Layouts: video latents [B, 16, T, h, w], first-frame latent [B, 16, T, h, w], audio latents [B, Ca, L].
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mova_train.config import EXPERTS, ObjectiveConfig
+from mova_train.models import FlowMatchScheduler, expert_for_timestep
+
+MASK_CHANNELS = 4  # spec §8: the I2V mask has 4 channels, 1 on latent frame 0
+
+
+class ExpertChooser:
+    """Picks the video expert of each micro-step, identically on every rank.
+
+    Every rank must run the same expert in a micro-step (ZeRO-3 gathers the expert's weights collectively), so
+    `ratio` draws from a stream seeded by the run seed only, advanced once per micro-step.
+    """
+
+    def __init__(self, cfg: ObjectiveConfig, seed: int):
+        self.mode = cfg.expert
+        self.ratio = float(cfg.high_noise_ratio)
+        self.seed = int(seed)
+
+    def expert(self, micro_step: int) -> str:
+        """Expert for global micro-step `micro_step` (0-based, counts every micro-batch, as the reference)."""
+        if self.mode == "alternate":
+            return EXPERTS[micro_step % 2]  # reference: even -> high-noise expert
+        if self.mode == "ratio":
+            # A pure function of (seed, micro_step): nothing to save for resume, same on every rank.
+            u = random.Random(f"{self.seed}:{micro_step}").random()
+            return EXPERTS[0] if u < self.ratio else EXPERTS[1]
+        return self.mode.split(":", 1)[1]
+
+
+@dataclass
+class TimestepSampler:
+    """Draws training-table timesteps inside an expert's range (uniform over entries, or logit-normal)."""
+
+    scheduler: FlowMatchScheduler
+    boundary: float  # timestep units, e.g. 900
+    sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+    def index_range(self, expert: str | None) -> tuple[int, int]:
+        """[lo, hi) of table indices; expert None = the whole table (independent audio timesteps)."""
+        if expert is None:
+            return 0, self.scheduler.num_train_timesteps
+        return self.scheduler.expert_index_range(expert, self.boundary)
+
+    def sample(self, expert: str | None, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """[batch_size] float32 timesteps; with an expert, every one routes to that expert."""
+        lo, hi = self.index_range(expert)
+        if hi <= lo:
+            raise ValueError(f"expert {expert!r} owns no training timesteps at boundary {self.boundary}")
+        if self.sampling == "uniform":
+            idx = torch.randint(lo, hi, (batch_size,), generator=generator)
+        else:
+            # Position u in (0, 1) inside the range, logit-normal (SD3-style) around the range's middle.
+            z = torch.randn(batch_size, generator=generator, dtype=torch.float64)
+            u = torch.sigmoid(z * self.logit_std + self.logit_mean)
+            idx = (lo + torch.floor(u * (hi - lo)).long()).clamp(lo, hi - 1)
+        t = self.scheduler.train_timesteps[idx].float()
+        if expert is not None:
+            routed = expert_for_timestep(t, self.boundary)
+            assert routed == expert, f"drew timesteps {t.tolist()} for {expert} that route to {routed}"
+        return t
+
+
+def build_i2v_condition(first_frame: torch.Tensor) -> torch.Tensor:
+    """y [B, 20, T, h, w] = mask(4) ‖ first-frame latent(16); the mask is 1 on latent frame 0 (spec §8)."""
+    b, _, t, h, w = first_frame.shape
+    mask = torch.zeros(b, MASK_CHANNELS, t, h, w, dtype=first_frame.dtype, device=first_frame.device)
+    mask[:, :, 0] = 1
+    return torch.cat([mask, first_frame], dim=1)
+
+
+@dataclass
+class MicroStepInputs:
+    """Everything one forward needs, plus the targets; built from a batch with this rank's generator."""
+
+    expert: str
+    noisy_video: torch.Tensor  # [B, 16, T, h, w]
+    video_cond: torch.Tensor  # [B, 20, T, h, w]
+    noisy_audio: torch.Tensor  # [B, Ca, L]
+    text: torch.Tensor  # [B, N, Dt]
+    timestep_video: torch.Tensor  # [B]
+    timestep_audio: torch.Tensor  # [B]
+    target_video: torch.Tensor  # noise - x0, [B, 16, T, h, w]
+    target_audio: torch.Tensor  # [B, Ca, L]
+
+
+class FlowMatchingObjective:
+    """Builds a micro-step's inputs and computes its loss; the randomness comes from the caller's generator."""
+
+    def __init__(self, cfg: ObjectiveConfig, scheduler: FlowMatchScheduler, boundary: float, seed: int):
+        self.cfg = cfg
+        self.scheduler = scheduler
+        self.boundary = float(boundary)
+        self.chooser = ExpertChooser(cfg, seed)
+        self.timesteps = TimestepSampler(
+            scheduler, self.boundary, cfg.timestep_sampling, cfg.logit_normal_mean, cfg.logit_normal_std
+        )
+
+    def prepare(
+        self,
+        video: torch.Tensor,
+        first_frame: torch.Tensor,
+        audio: torch.Tensor,
+        text: torch.Tensor,
+        *,
+        micro_step: int,
+        generator: torch.Generator,
+    ) -> MicroStepInputs:
+        """Draw expert, timesteps and independent video/audio noise (fp32, on the generator's device = CPU)."""
+        expert = self.chooser.expert(micro_step)
+        b = video.shape[0]
+        tv = self.timesteps.sample(expert, b, generator)
+        ta = self.timesteps.sample(None, b, generator) if self.cfg.independent_audio_timestep else tv.clone()
+        # Noise is drawn on CPU in fp32 so it is the same on every device type; then moved next to the data.
+        noise_v = torch.randn(video.shape, generator=generator, dtype=torch.float32).to(video.device)
+        noise_a = torch.randn(audio.shape, generator=generator, dtype=torch.float32).to(audio.device)
+        x0_v, x0_a = video.float(), audio.float()
+        return MicroStepInputs(
+            expert=expert,
+            noisy_video=self.scheduler.add_noise(x0_v, noise_v, tv),
+            video_cond=build_i2v_condition(first_frame.float()),
+            noisy_audio=self.scheduler.add_noise(x0_a, noise_a, ta),
+            text=text,
+            timestep_video=tv.to(video.device),
+            timestep_audio=ta.to(video.device),
+            target_video=self.scheduler.target(x0_v, noise_v),
+            target_audio=self.scheduler.target(x0_a, noise_a),
+        )
+
+    def loss(
+        self, pred_video: torch.Tensor, pred_audio: torch.Tensor, inputs: MicroStepInputs
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(weighted total, video MSE, audio MSE), each a scalar computed in fp32 (spec §16: plain MSE)."""
+        loss_v = F.mse_loss(pred_video.float(), inputs.target_video)
+        loss_a = F.mse_loss(pred_audio.float(), inputs.target_audio)
+        total = self.cfg.loss_weight_video * loss_v + self.cfg.loss_weight_audio * loss_a
+        return total, loss_v.detach(), loss_a.detach()

@@ -1,0 +1,219 @@
+"""What a run shows and keeps: per-rank log files, the resolved config and code version in the run directory,
+`metrics.jsonl` (one JSON object per optimizer step), Weights & Biases and a rank-0 progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mova_train.checkpoint_io import write_json_atomic
+from mova_train.config import PROJECT_ROOT, TrackingConfig
+
+logger = logging.getLogger("mova_train.training")
+
+METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_run_id.txt"
+
+
+def setup_logging(run_dir: Path, rank: int) -> Path:
+    """`<run_dir>/logs/rank{N}.log` for every rank (appended across resumes); rank 0 also logs to stderr."""
+    log_dir = run_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = log_dir / f"rank{rank}.log"
+    fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_mova_train", False):
+            root.removeHandler(h)
+    file_handler = logging.FileHandler(path, encoding="utf-8")
+    file_handler.setFormatter(fmt)
+    file_handler._mova_train = True  # type: ignore[attr-defined]
+    root.addHandler(file_handler)
+    if rank == 0:
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(logging.Formatter("[mova-train] %(message)s"))
+        console.setLevel(logging.INFO)
+        console._mova_train = True  # type: ignore[attr-defined]
+        root.addHandler(console)
+    root.setLevel(logging.INFO)
+    return path
+
+
+def code_version() -> dict:
+    """Package version, and `git describe` + dirty flag when the code runs from a git checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        pkg = version("mova-train")
+    except PackageNotFoundError:
+        pkg = "unknown"
+    info: dict[str, Any] = {"package": pkg, "git": None, "dirty": None}
+    try:
+        describe = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--tags"],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if describe.returncode == 0 and describe.stdout.strip():
+            text = describe.stdout.strip()
+            info["git"] = text
+            info["dirty"] = text.endswith("-dirty")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def write_run_files(run_dir: Path, config: dict, extra: dict) -> None:
+    """`config.yaml` (the resolved config), `code_version.json` and `run_info.json` (main process only)."""
+    from omegaconf import OmegaConf
+
+    text = OmegaConf.to_yaml(OmegaConf.create(config))
+    tmp = run_dir / "config.yaml.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, run_dir / "config.yaml")
+    write_json_atomic(run_dir / "code_version.json", code_version())
+    write_json_atomic(run_dir / "run_info.json", extra)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak allocated accelerator memory, or the process's peak resident memory on CPU (GiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class MetricsWriter:
+    """Appends one JSON object per optimizer step to metrics.jsonl; on resume, lines after the resumed step
+    (written after the checkpoint by the interrupted run) are dropped so the file stays one line per step."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None):
+        self.path = run_dir / METRICS_FILE
+        if self.path.exists():
+            keep = []
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a crash
+                if resume_step is not None and row.get("step", 0) <= resume_step:
+                    keep.append(line)
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+            os.replace(tmp, self.path)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+
+    def write(self, row: dict) -> None:
+        self._file.write(json.dumps(_finite_or_str(row), sort_keys=True) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _finite_or_str(obj: Any) -> Any:
+    """JSON has no NaN/Inf: write them as strings so the file stays valid JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _finite_or_str(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite_or_str(v) for v in obj]
+    return obj
+
+
+class WandbTracker:
+    """W&B on the main process. Offline runs write under `<run_dir>/wandb/` and never touch the network; a
+    resumed run continues the same W&B run (its id is kept in the run dir)."""
+
+    def __init__(
+        self, cfg: TrackingConfig, run_dir: Path, default_name: str, config: dict, resume_step: int | None
+    ):
+        self.run = None
+        if cfg.mode == "disabled":
+            return
+        os.environ.setdefault("WANDB_DIR", str(run_dir))
+        os.environ.setdefault("WANDB_SILENT", "true")
+        import wandb
+
+        id_file = run_dir / WANDB_ID_FILE
+        # A resumed run continues its W&B run; a new run in the same folder starts a new one.
+        resumed = resume_step is not None and id_file.is_file()
+        run_id = id_file.read_text(encoding="utf-8").strip() if resumed else uuid.uuid4().hex[:12]
+        self.run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            name=cfg.name or default_name,
+            tags=list(cfg.tags),
+            mode=cfg.mode,
+            dir=str(run_dir),
+            config=config,
+            id=run_id,
+            resume="allow",
+            settings=wandb.Settings(console="off", x_disable_stats=True),
+        )
+        id_file.write_text(run_id + "\n", encoding="utf-8")
+        self.resume_step = resume_step
+
+    def log(self, row: dict, step: int) -> None:
+        if self.run is None:
+            return
+        flat = {}
+        for k, v in row.items():
+            if isinstance(v, bool):
+                flat[f"train/{k}"] = int(v)
+            elif isinstance(v, (int, float)) and k != "step":
+                flat[f"train/{k}"] = v
+            elif k == "expert":
+                flat["train/expert_is_high_noise"] = int(v == "video_dit")
+                if v in ("video_dit", "video_dit_2") and isinstance(row.get("loss"), float):
+                    flat[f"train/loss_{v}"] = row["loss"]  # one curve per expert (its own noise range)
+        self.run.log(flat, step=step)
+
+    def log_media(self, items: dict, step: int) -> None:
+        if self.run is not None and items:
+            self.run.log(items, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+class ProgressBar:
+    """tqdm on the main process; a no-op elsewhere or when disabled."""
+
+    def __init__(self, enabled: bool, total: int, initial: int):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+    def update(self, row: dict) -> None:
+        if self.bar is None:
+            return
+        post = {
+            "loss": f"{row['loss']:.4f}" if isinstance(row["loss"], float) else row["loss"],
+            "lr": f"{row['lr']:.2e}",
+        }
+        if row.get("skipped"):
+            post["skipped"] = "yes"
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,177 @@
+"""Every YAML under configs/ composes into the typed schema; a typo'd key or an impossible value fails before any
+training (before a process group exists), naming the field."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+from hydra.errors import ConfigCompositionException
+
+from mova_train.config import PROJECT_ROOT, ConfigValueError, TrainConfig, to_train_config, validate_config
+from mova_train.training.synthetic import write_random_shards_for
+from mova_train.training.trainer import run
+from tests.train_utils import CONFIG_DIR, compose_train, tiny_overrides
+
+GROUP_FILES = sorted((p.parent.name, p.stem) for p in CONFIG_DIR.glob("*/*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def shards(tiny_checkpoint, tmp_path_factory):
+    return write_random_shards_for(
+        tiny_checkpoint, tmp_path_factory.mktemp("shards"), num_clips=2, num_shards=2
+    )
+
+
+def test_the_config_tree_has_every_group_and_experiment():
+    groups = {g for g, _ in GROUP_FILES}
+    assert {"model", "data", "lora", "optim", "deepspeed", "tracking", "experiment"} <= groups
+    experiments = {n for g, n in GROUP_FILES if g == "experiment"}
+    assert {"voice_lora", "sfx_lora", "video_style_lora", "tiny_demo"} <= experiments
+
+
+@pytest.mark.parametrize("group,name", GROUP_FILES, ids=[f"{g}/{n}" for g, n in GROUP_FILES])
+def test_every_yaml_composes_into_the_schema(group, name):
+    override = f"+experiment={name}" if group == "experiment" else f"{group}={name}"
+    cfg = to_train_config(compose_train([override]))
+    assert isinstance(cfg, TrainConfig)
+    if group == "experiment":
+        assert cfg.name == name
+        assert cfg.trainer.run_dir == f"runs/{name}"  # deterministic default: rerunning resumes
+    if group == "deepspeed" and cfg.deepspeed.config is not None:
+        assert (PROJECT_ROOT / cfg.deepspeed.config).is_file()
+
+
+def test_train_yaml_keeps_hydra_out_of_the_run_directory():
+    from hydra import compose, initialize_config_dir
+
+    from mova_train.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = compose(config_name="train", return_hydra_config=True)
+    assert cfg.hydra.output_subdir is None and cfg.hydra.run.dir == "." and cfg.hydra.job.chdir is False
+
+
+def test_experiments_select_their_lora_targets():
+    voice = to_train_config(compose_train(["+experiment=voice_lora"])).lora.targets
+    assert set(voice) == {"audio_dit", "dual_tower_bridge", "video_dit_2"}  # low-noise expert only
+    sfx = to_train_config(compose_train(["+experiment=sfx_lora"])).lora.targets
+    assert set(sfx) == {"audio_dit", "dual_tower_bridge"}
+    style = to_train_config(compose_train(["+experiment=video_style_lora"])).lora.targets
+    assert set(style) == {"video_dit", "video_dit_2"}
+
+
+def test_tiny_demo_validates_with_real_paths(tiny_checkpoint, shards, tmp_path):
+    cfg = validate_config(to_train_config(compose_train(tiny_overrides(tiny_checkpoint, shards, tmp_path))))
+    assert cfg.model.dtype == "float32" and cfg.trainer.mixed_precision == "no"
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [("trainer.max_step=3", "max_step"), ("lora.rnk=4", "rnk"), ("objective.expret=ratio", "expret")],
+)
+def test_a_typod_key_fails_at_composition_naming_it(override, key):
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_train(["+experiment=tiny_demo", override])
+    assert key in str(e.value) + str(e.value.__cause__)
+
+
+def test_a_typod_key_inside_an_experiment_file_fails(tmp_path):
+    tree = tmp_path / "configs"
+    shutil.copytree(CONFIG_DIR, tree)
+    (tree / "experiment" / "typo.yaml").write_text("# @package _global_\ntrainer:\n  save_evry: 5\n")
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_train(["+experiment=typo"], config_dir=tree)
+    assert "save_evry" in str(e.value) + str(e.value.__cause__)
+
+
+IMPOSSIBLE = [
+    ("objective.expert=sometimes", "objective.expert", "alternate, ratio, only:video_dit, only:video_dit_2"),
+    ("objective.high_noise_ratio=1.5", "objective.high_noise_ratio", "[0.0, 1.0]"),
+    ("objective.timestep_sampling=gaussian", "objective.timestep_sampling", "uniform, logit_normal"),
+    ("trainer.max_steps=0", "trainer.max_steps", ">= 1"),
+    ("trainer.mixed_precision=fp16", "trainer.mixed_precision", "allowed: auto, no, bf16"),
+    ("trainer.keep_last=-1", "trainer.keep_last", ">= 0"),
+    ("optim.lr=-0.1", "optim.lr", "(0.0, inf)"),
+    ("optim.schedule=step", "optim.schedule", "constant, linear, cosine"),
+    ("optim.betas=[0.9]", "optim.betas", "two numbers"),
+    ("model.dtype=float16", "model.dtype", "allowed: float32, bfloat16"),
+    ("model.components=[video_dit_2]", "model.components", "lacks"),
+    ("tracking.mode=maybe", "tracking.mode", "online, offline, disabled"),
+    ("deepspeed.config=launch/deepspeed/nope.json", "deepspeed.config", "not found"),
+    ("data.batch_size=0", "data.batch_size", ">= 1"),
+    ("lora.rank=0", "lora.rank", "positive"),
+    ("objective.expert=only:video_dit", "lora.targets", "video_dit_2"),
+    ("eval.every=10", "eval.prompts", "list of prompts"),
+]
+
+
+@pytest.mark.parametrize("override,field,allowed", IMPOSSIBLE, ids=[o for o, _, _ in IMPOSSIBLE])
+def test_an_impossible_value_fails_validation_naming_the_field(
+    tiny_checkpoint, shards, tmp_path, override, field, allowed
+):
+    cfg = compose_train(tiny_overrides(tiny_checkpoint, shards, tmp_path / "run", override))
+    with pytest.raises(ValueError) as e:
+        validate_config(to_train_config(cfg))
+    assert field in str(e.value) and allowed in str(e.value)
+
+
+def test_validation_runs_before_any_process_group_or_run_dir(tiny_checkpoint, shards, tmp_path):
+    cfg = compose_train(
+        tiny_overrides(tiny_checkpoint, shards, tmp_path / "run", "objective.expert=sometimes")
+    )
+    with pytest.raises(ConfigValueError, match="objective.expert"):
+        run(cfg)
+    assert not (dist.is_available() and dist.is_initialized())
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_py_exits_2_with_one_line_on_a_bad_value(tiny_checkpoint, shards, tmp_path):
+    cmd = [
+        sys.executable,
+        "train.py",
+        *tiny_overrides(tiny_checkpoint, shards, tmp_path / "run", "trainer.save_every=0"),
+    ]
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("train.py: error: trainer.save_every=0")
+    assert "Traceback" not in proc.stderr
+    assert not Path(tmp_path / "run").exists()
+
+
+LAUNCH = PROJECT_ROOT / "launch"
+
+
+@pytest.mark.parametrize("path", sorted((LAUNCH / "deepspeed").glob("*.json")), ids=lambda p: p.name)
+def test_every_deepspeed_json_resolves(path, monkeypatch):
+    from mova_train.training.distributed import build_deepspeed_config
+
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    cfg = TrainConfig()
+    cfg.deepspeed.config = str(path.relative_to(PROJECT_ROOT))
+    ds = build_deepspeed_config(cfg, "bf16")
+    assert ds["zero_optimization"]["stage"] in (2, 3)
+    assert ds["train_micro_batch_size_per_gpu"] == cfg.data.batch_size and ds["bf16"]["enabled"] is True
+    assert "auto" not in str(ds)
+    offload = "offload" in path.stem
+    assert ("offload_optimizer" in ds["zero_optimization"]) == offload
+
+
+@pytest.mark.parametrize("path", sorted((LAUNCH / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_accelerate_config_is_a_deepspeed_launch_with_a_matching_hydra_group(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(path))
+    assert str(cfg.distributed_type).endswith("DEEPSPEED")
+    stage = cfg.deepspeed_config["zero_stage"]
+    name = f"zero{stage}" + (
+        "_offload" if cfg.deepspeed_config.get("offload_param_device", "none") != "none" else ""
+    )
+    assert (CONFIG_DIR / "deepspeed" / f"{name}.yaml").is_file()  # the Hydra group to pair it with
+    assert f"deepspeed={name}" in path.read_text() or "multinode" in path.name
