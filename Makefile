@@ -38,6 +38,7 @@ bench: setup
 	$(PY) -m mova_train.bench codecs
 	$(PY) -m data_tools bench
 	$(PY) -m mova_train.bench train
+	$(PY) -m mova_train.sampling.bench
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache

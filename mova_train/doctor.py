@@ -91,11 +91,11 @@ def check_environment(run_dir: Path) -> list[Check]:
 def memory_advice(gpu_gb: float) -> str:
     """Which launch config fits one GPU of this size for full-size MOVA LoRA (bf16, activation checkpointing)."""
     if gpu_gb >= 120:
-        return "fits one expert + audio + bridge in bf16 per GPU: launch/accelerate/8gpu_zero2.yaml (or 1gpu.yaml)"
+        return "fits one expert + audio + bridge in bf16 per GPU: launch/accelerate/zero2.yaml (or 1gpu.yaml)"
     if gpu_gb >= 70:
-        return "use ZeRO-3 across GPUs (launch/accelerate/8gpu_zero3.yaml) with activation checkpointing"
+        return "use ZeRO-3 across GPUs (launch/accelerate/zero3.yaml) with activation checkpointing"
     if gpu_gb >= 40:
-        return "use ZeRO-3 + CPU offload (launch/accelerate/8gpu_zero3_offload.yaml), 360p, batch 1"
+        return "use ZeRO-3 + CPU offload (launch/accelerate/zero3_offload.yaml), 360p, batch 1"
     return "too small for the full-size model; train the tiny config or use more/larger GPUs"
 
 

@@ -161,17 +161,3 @@ def test_every_deepspeed_json_resolves(path, monkeypatch):
     assert "auto" not in str(ds)
     offload = "offload" in path.stem
     assert ("offload_optimizer" in ds["zero_optimization"]) == offload
-
-
-@pytest.mark.parametrize("path", sorted((LAUNCH / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_accelerate_config_is_a_deepspeed_launch_with_a_matching_hydra_group(path):
-    from accelerate.commands.config.config_args import load_config_from_file
-
-    cfg = load_config_from_file(str(path))
-    assert str(cfg.distributed_type).endswith("DEEPSPEED")
-    stage = cfg.deepspeed_config["zero_stage"]
-    name = f"zero{stage}" + (
-        "_offload" if cfg.deepspeed_config.get("offload_param_device", "none") != "none" else ""
-    )
-    assert (CONFIG_DIR / "deepspeed" / f"{name}.yaml").is_file()  # the Hydra group to pair it with
-    assert f"deepspeed={name}" in path.read_text() or "multinode" in path.name
