@@ -15,6 +15,7 @@ from mova_train.media import read_mp4
 pytestmark = pytest.mark.distributed
 
 
+@pytest.mark.timeout(900)
 def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(
