@@ -17,7 +17,7 @@ from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
 
 from mova_train.checkpoint_io import CheckpointError, load_module_strict, read_component_header, read_json
 from mova_train.codecs.errors import CodecConfigError, CodecInputError
-from mova_train.codecs.upstream import build_umt5_encoder, load_t5_tokenizer
+from mova_train.upstream import build_umt5_encoder, load_t5_tokenizer
 
 logger = logging.getLogger(__name__)
 

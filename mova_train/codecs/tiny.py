@@ -31,8 +31,8 @@ from mova_train.codecs.text_encoder import (
     TEXT_LEN,
     build_text_encoder_module,
 )
-from mova_train.codecs.upstream import t5_tokenizer_from_vocab
 from mova_train.codecs.video_vae import VIDEO_VAE_WEIGHTS_NAME, build_video_vae_module
+from mova_train.upstream import t5_tokenizer_from_vocab
 
 # The tiny tokenizer's vocabulary is counted from these caption-like sentences (the kind MOVA is prompted with).
 _CORPUS = """

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mova_train.config import ConfigValueError, TrainConfig, resolve_path
-from mova_train.training.upstream_fixes import clear_zero3_stale_grads
+from mova_train.upstream import clear_zero3_stale_grads
 
 logger = logging.getLogger(__name__)
 

@@ -54,7 +54,7 @@ from mova_train.training.tracking import (
     setup_logging,
     write_run_files,
 )
-from mova_train.training.upstream_fixes import silence_known_warnings
+from mova_train.upstream import silence_known_warnings
 
 logger = logging.getLogger("mova_train.training")
 

@@ -1,0 +1,101 @@
+"""Workarounds for upstream libraries, in one place, each with the version it was written against.
+
+DeepSpeed 0.19.8 / torch 2.13 (training) and transformers 5.23 (the UMT5 text encoder and its tokenizer). Keep
+every such patch here so it is easy to drop when the upstream fix lands. (The decord 0.6.0 small-width decode
+fallback lives beside the decoder it guards, in `mova_train/media.py`.)
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mova_train.checkpoint_io import CheckpointError
+
+if TYPE_CHECKING:  # transformers is imported only by the functions that need it (the trainer never does)
+    from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
+
+
+# --- DeepSpeed 0.19.8 / torch 2.13 ----------------------------------------------------------------------------
+
+
+def silence_known_warnings() -> None:
+    """torch 2.13 + DeepSpeed 0.19.8: every ZeRO collective warns that `all_gather_into_tensor` /
+    `reduce_scatter_tensor` are deprecated (a FutureWarning per call, per rank), burying the training log."""
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+        category=FutureWarning,
+    )
+
+
+def clear_zero3_stale_grads(engine) -> None:
+    """DeepSpeed 0.19.8, ZeRO stage 3 without optimizer offload.
+
+    ZeRO-3 keeps reduced gradient partitions in one flat buffer and, after an optimizer step, only overwrites the
+    slices of parameters that take part in the next backward. A parameter that sits out a step (the idle video
+    expert of the MoE) keeps its previous gradient: it counts again in the global grad norm (and a non-finite one
+    makes every following step overflow). Zeroing the buffer after each optimizer step restores the semantics of
+    ZeRO-2 and plain PyTorch (an unused parameter has no gradient).
+    """
+    if (
+        engine is None
+        or not hasattr(engine, "zero_optimization_stage")
+        or engine.zero_optimization_stage() != 3
+    ):
+        return
+    optimizer = getattr(engine, "optimizer", None)
+    buffer = getattr(optimizer, "grad_partitions_flat_buffer", None)
+    if buffer is not None:
+        buffer.zero_()
+
+
+# --- transformers 5.23 (in 4.x the calls below differ as noted) ----------------------------------------------
+
+
+def build_umt5_encoder(config: UMT5Config) -> UMT5EncoderModel:
+    """UMT5EncoderModel on the current default device with eager attention.
+
+    transformers 5 picks SDPA for UMT5 by default; the reference (transformers 4.x, where T5-family models only had
+    eager attention with the additive position bias) ran eager. We pin eager so our embeddings follow the reference
+    arithmetic. In 4.x the private `_attn_implementation` attribute is also what the model reads.
+    """
+    from transformers import UMT5EncoderModel
+
+    config._attn_implementation = "eager"
+    return UMT5EncoderModel(config)
+
+
+def load_t5_tokenizer(folder: str | os.PathLike) -> T5TokenizerFast:
+    """The T5/UMT5 tokenizer saved in `folder`, offline only (never reaches for the Hub).
+
+    In transformers 5, `T5TokenizerFast` is an alias of the tokenizers-backed `T5Tokenizer`; in 4.x it is the fast
+    class itself. Both read `tokenizer.json` (+ `tokenizer_config.json`).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"missing tokenizer folder: {folder}")
+    if not (folder / "tokenizer.json").is_file() and not (folder / "spiece.model").is_file():
+        raise CheckpointError(f"{folder} holds neither tokenizer.json nor spiece.model")
+    from transformers import T5TokenizerFast
+
+    try:
+        return T5TokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load the tokenizer in {folder}: {e}") from None
+
+
+def t5_tokenizer_from_vocab(vocab: list[tuple[str, float]], *, model_max_length: int) -> T5TokenizerFast:
+    """A T5 tokenizer (Unigram, Metaspace, trailing </s>) from `[(piece, log_prob), ...]` whose first three pieces
+    are <pad>, </s>, <unk>.
+
+    Uses the transformers 5 constructor `T5Tokenizer(vocab=...)`; 4.x's T5TokenizerFast has no `vocab` argument
+    (there one would pass `tokenizer_object=`), so this helper is the single place to adapt.
+    """
+    if [p for p, _ in vocab[:3]] != ["<pad>", "</s>", "<unk>"]:
+        raise ValueError(f"vocab must start with <pad>, </s>, <unk>; got {[p for p, _ in vocab[:3]]}")
+    from transformers import T5TokenizerFast
+
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
