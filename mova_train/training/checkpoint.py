@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from mova_train.checkpoint_io import read_json, write_json_atomic
+from mova_train.checkpoint_io import read_json, write_json_atomic, write_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -159,9 +159,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    write_safetensors(path, {k: v.detach().cpu().contiguous() for k, v in tensors.items()})
 
 
 # ---------------------------------------------------------------------------------------------------------------

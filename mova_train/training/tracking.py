@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from mova_train.checkpoint_io import write_json_atomic
+from mova_train.checkpoint_io import write_bytes_atomic, write_json_atomic
 from mova_train.config import PROJECT_ROOT, TrackingConfig
 
 logger = logging.getLogger("mova_train.training")
@@ -81,9 +81,7 @@ def write_run_files(run_dir: Path, config: dict, extra: dict) -> None:
     from omegaconf import OmegaConf
 
     text = OmegaConf.to_yaml(OmegaConf.create(config))
-    tmp = run_dir / "config.yaml.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, run_dir / "config.yaml")
+    write_bytes_atomic(run_dir / "config.yaml", text.encode("utf-8"))
     write_json_atomic(run_dir / "code_version.json", code_version())
     write_json_atomic(run_dir / "run_info.json", extra)
 
@@ -110,9 +108,7 @@ class MetricsWriter:
                     continue  # a line cut by a crash
                 if resume_step is not None and row.get("step", 0) <= resume_step:
                     keep.append(line)
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
-            os.replace(tmp, self.path)
+            write_bytes_atomic(self.path, "".join(k + "\n" for k in keep).encode("utf-8"))
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
 
     def write(self, row: dict) -> None:
