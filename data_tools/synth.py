@@ -12,7 +12,6 @@ import argparse
 import json
 import math
 import os
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -43,72 +42,20 @@ def write_media(
     frame_times_s: np.ndarray | None = None,
     crf: int = 20,
 ) -> Path:
-    """Write an mp4 (H.264 + AAC) with explicit stream start times; the pieces `mova_train.media.write_mp4` lacks.
+    """Write a synthetic mp4 (H.264 + AAC) with explicit stream start times or per-frame times (VFR).
 
-    frames: uint8 [N, H, W, 3]; audio: float32 [C, S] (C = 1 or 2) or None. `video_start_s`/`audio_start_s` set
-    the presentation time of the first frame/sample on the container timeline. `frame_times_s` [N] gives each
-    frame its own time (variable frame rate). Written to a temp name, then renamed.
+    frames: uint8 [N, H, W, 3]; audio: float32 [S] or [C, S] (C = 1 or 2) or None. A thin layer over
+    `mova_train.media.write_mp4` (the project's one mp4 writer) that reports problems as DataToolsError.
     """
-    import av
+    from mova_train.media import MediaError, write_mp4
 
-    path = Path(path)
-    frames = np.ascontiguousarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise DataToolsError(f"write_media({path}): frames must be uint8 [N, H, W, 3], got {frames.shape}")
-    height, width = frames.shape[1:3]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    # a millisecond clock for the video track lets start offsets and variable frame times be exact
-    video_tb = Fraction(1, 1000 * int(round(fps))) if frame_times_s is None else Fraction(1, 90000)
     try:
-        with av.open(str(tmp), mode="w", format="mp4", options={"fflags": "+bitexact"}) as container:
-            container.metadata.clear()
-            vstream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-            vstream.width, vstream.height, vstream.pix_fmt = width, height, "yuv420p"
-            vstream.codec_context.time_base = video_tb
-            vstream.codec_context.thread_count = 1
-            vstream.codec_context.flags |= av.codec.context.Flags.bitexact
-            # x264's SIMD paths made the output differ between identical runs (PyAV 18 wheel, about 1 run in 5);
-            # the plain C path is bit-exact and fast enough for these small frames
-            vstream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1", "x264-params": "asm=0"}
-            astream = None
-            if audio is not None:
-                audio = np.asarray(audio, dtype=np.float32)
-                if audio.ndim == 1:
-                    audio = audio[None]
-                layout = {1: "mono", 2: "stereo"}.get(audio.shape[0])
-                if layout is None:
-                    raise DataToolsError(f"write_media({path}): audio must have 1 or 2 channels")
-                astream = container.add_stream("aac", rate=int(sample_rate))
-                astream.layout = layout
-                astream.codec_context.bit_rate = 128_000 * audio.shape[0]
-                astream.codec_context.flags |= av.codec.context.Flags.bitexact
-            for index, image in enumerate(frames):
-                frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-                t = video_start_s + (index / fps if frame_times_s is None else float(frame_times_s[index]))
-                frame.pts = int(round(t / video_tb))
-                frame.time_base = video_tb
-                for packet in vstream.encode(frame):
-                    container.mux(packet)
-            for packet in vstream.encode():
-                container.mux(packet)
-            if astream is not None:
-                audio = np.clip(audio, -1.0, 1.0)
-                first = int(round(audio_start_s * sample_rate))
-                for start in range(0, audio.shape[1], 4096):
-                    piece = np.ascontiguousarray(audio[:, start : start + 4096])
-                    frame = av.AudioFrame.from_ndarray(piece, format="fltp", layout=astream.layout.name)
-                    frame.sample_rate = int(sample_rate)
-                    frame.pts = first + start
-                    frame.time_base = Fraction(1, int(sample_rate))
-                    for packet in astream.encode(frame):
-                        container.mux(packet)
-                for packet in astream.encode():
-                    container.mux(packet)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+        return write_mp4(
+            path, frames, fps, audio, sample_rate, crf=crf, preset="veryfast", audio_bitrate=128_000,
+            video_start_s=video_start_s, audio_start_s=audio_start_s, frame_times_s=frame_times_s,
+        )  # fmt: skip
+    except MediaError as e:
+        raise DataToolsError(str(e)) from None
 
 
 def _event_frames(rng: np.random.Generator, num_frames: int, fps: float) -> list[int]:

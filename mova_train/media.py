@@ -61,12 +61,14 @@ def _check_frames(frames: np.ndarray, where: str) -> np.ndarray:
     return np.ascontiguousarray(frames)
 
 
-def _check_audio(audio: np.ndarray, where: str) -> np.ndarray:
+def _check_audio(audio: np.ndarray, where: str, *, allow_stereo: bool = False) -> np.ndarray:
+    """Mono float32 [S] in [-1, 1] (or [C, S], C in 1..2, with allow_stereo)."""
     audio = np.asarray(audio)
     if audio.ndim == 2 and 1 in audio.shape:
         audio = audio.reshape(-1)
-    if audio.ndim != 1:
-        raise MediaError(f"{where}: audio must be mono [S], got shape {tuple(audio.shape)}")
+    if not (audio.ndim == 1 or (allow_stereo and audio.ndim == 2 and audio.shape[0] == 2)):
+        want = "mono [S] or stereo [2, S]" if allow_stereo else "mono [S]"
+        raise MediaError(f"{where}: audio must be {want}, got shape {tuple(audio.shape)}")
     if not np.issubdtype(audio.dtype, np.floating):
         raise MediaError(f"{where}: audio must be float in [-1, 1], got dtype {audio.dtype}")
     if not np.all(np.isfinite(audio)):
@@ -83,12 +85,20 @@ def write_mp4(
     *,
     crf: int = 18,
     audio_bitrate: int = 192_000,
+    preset: str = "medium",
+    video_start_s: float = 0.0,
+    audio_start_s: float = 0.0,
+    frame_times_s: np.ndarray | None = None,
 ) -> Path:
-    """Write frames (uint8 [N,H,W,3]) and optional mono audio (float32 [S]) as an mp4 (H.264 + AAC).
+    """Write frames (uint8 [N,H,W,3]) and optional audio (float32 [S], or stereo [2,S]) as an mp4 (H.264 + AAC).
 
     The same inputs give a byte-identical file: bitexact flags drop version strings and timestamps, and the encoder
     runs with a fixed thread count. The audio is written as given (trim it to the clip duration first). The file
     appears atomically (written to a temp name in the same folder, then renamed).
+
+    `video_start_s` / `audio_start_s` place the first frame / sample on the container timeline, and
+    `frame_times_s` [N] gives each frame its own time (variable frame rate): data_tools uses them to write test
+    media whose streams start apart, as real files do.
     """
     import av
 
@@ -97,7 +107,7 @@ def write_mp4(
     if not (fps > 0 and math.isfinite(fps)):
         raise MediaError(f"write_mp4({path}): fps must be a positive number, got {fps}")
     if audio is not None:
-        audio = _check_audio(audio, f"write_mp4({path})")
+        audio = _check_audio(audio, f"write_mp4({path})", allow_stereo=True)
         if int(sample_rate) <= 0:
             raise MediaError(f"write_mp4({path}): sample_rate must be positive, got {sample_rate}")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +120,11 @@ def write_mp4(
             height, width = frames.shape[1:3]
             vstream = container.add_stream(codec, rate=rate)
             vstream.width, vstream.height, vstream.pix_fmt = width, height, "yuv420p"
-            vstream.time_base = Fraction(1, 1) / rate
+            timed = frame_times_s is not None or video_start_s != 0.0
+            # a 90 kHz clock (the mp4 convention) when frames carry their own times, else one tick per frame
+            vstream.time_base = Fraction(1, 90000) if timed else Fraction(1, 1) / rate
+            if timed:
+                vstream.codec_context.time_base = vstream.time_base
             vstream.codec_context.flags |= av.codec.context.Flags.bitexact
             # One thread and no SIMD: x264's output depends on its thread count, and its assembly paths differed
             # between identical runs in 2 of 12 trials with the bundled PyAV build; asm=0 gave 20/20 identical files.
@@ -118,7 +132,7 @@ def write_mp4(
             if codec == "libx264":
                 vstream.options = {
                     "crf": str(crf),
-                    "preset": "medium",
+                    "preset": preset,
                     "threads": "1",
                     "x264-params": "asm=0",
                 }
@@ -127,19 +141,28 @@ def write_mp4(
             astream = None
             if audio is not None:
                 astream = container.add_stream("aac", rate=int(sample_rate))
-                astream.layout = "mono"
-                astream.codec_context.bit_rate = audio_bitrate
+                astream.layout = "mono" if audio.ndim == 1 else "stereo"
+                astream.codec_context.bit_rate = audio_bitrate * (1 if audio.ndim == 1 else 2)
                 astream.codec_context.flags |= av.codec.context.Flags.bitexact
                 astream.time_base = Fraction(1, int(sample_rate))
             for index, frame in enumerate(frames):
                 vframe = av.VideoFrame.from_ndarray(frame, format="rgb24")
-                vframe.pts = index
+                if timed:
+                    t = video_start_s + (
+                        index / float(fps) if frame_times_s is None else float(frame_times_s[index])
+                    )
+                    vframe.pts = int(round(t * 90000))
+                    vframe.time_base = vstream.time_base
+                else:
+                    vframe.pts = index
                 for packet in vstream.encode(vframe):
                     container.mux(packet)
             for packet in vstream.encode():
                 container.mux(packet)
             if astream is not None:
-                _encode_audio(av, container, astream, audio)
+                _encode_audio(
+                    av, container, astream, audio, first_sample=int(round(audio_start_s * sample_rate))
+                )
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -147,14 +170,18 @@ def write_mp4(
     return path
 
 
-def _encode_audio(av, container, astream, audio: np.ndarray) -> None:
+def _encode_audio(av, container, astream, audio: np.ndarray, *, first_sample: int = 0) -> None:
     # feed fixed-size chunks; the encoder's FIFO regroups them into 1024-sample AAC frames
     chunk = 4096
-    for start in range(0, audio.shape[0], chunk):
-        piece = audio[start : start + chunk]
-        aframe = av.AudioFrame.from_ndarray(piece[None, :], format="flt", layout="mono")
+    planar = audio if audio.ndim == 2 else audio[None, :]  # [C, S]
+    for start in range(0, planar.shape[1], chunk):
+        piece = np.ascontiguousarray(planar[:, start : start + chunk])
+        if planar.shape[0] == 1:
+            aframe = av.AudioFrame.from_ndarray(piece, format="flt", layout="mono")
+        else:
+            aframe = av.AudioFrame.from_ndarray(piece, format="fltp", layout="stereo")
         aframe.sample_rate = astream.codec_context.sample_rate
-        aframe.pts = start
+        aframe.pts = first_sample + start
         aframe.time_base = Fraction(1, aframe.sample_rate)
         for packet in astream.encode(aframe):
             container.mux(packet)

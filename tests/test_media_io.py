@@ -67,7 +67,7 @@ def test_bad_input_is_rejected_with_a_clear_error(tmp_path):
     with pytest.raises(MediaError, match="even"):
         write_mp4(tmp_path / "x.mp4", good[:, :31], FPS)
     with pytest.raises(MediaError, match="mono"):
-        write_mp4(tmp_path / "x.mp4", good, FPS, np.zeros((2, 100), np.float32), SR)
+        write_mp4(tmp_path / "x.mp4", good, FPS, np.zeros((3, 100), np.float32), SR)
     with pytest.raises(MediaError, match="no such file"):
         read_mp4(tmp_path / "missing.mp4")
     junk = tmp_path / "junk.mp4"
@@ -75,6 +75,22 @@ def test_bad_input_is_rejected_with_a_clear_error(tmp_path):
     with pytest.raises(MediaError, match="junk.mp4"):
         read_mp4(junk)
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_stereo_audio_and_stream_start_times(tmp_path):
+    """Stereo is kept (read back as mono), and an audio stream that starts later sits later on the timeline."""
+    frames = _moving_square(24, 32, 32)
+    tone = (0.3 * np.sin(np.arange(SR) * 2 * np.pi * 440 / SR)).astype(np.float32)
+    path = write_mp4(tmp_path / "s.mp4", frames, FPS, np.stack([tone, tone]), SR, audio_start_s=0.25)
+    import av
+
+    with av.open(str(path)) as c:
+        a, v = c.streams.audio[0], c.streams.video[0]
+        assert a.channels == 2
+        start_gap = float(a.start_time * a.time_base) - float(v.start_time * v.time_base)
+    assert abs(start_gap - 0.25) < 0.03  # AAC priming is signalled separately; the start is ours
+    _, _, audio, sr = read_mp4(path)
+    assert sr == SR and abs(len(audio) - SR) <= 2048  # within two AAC frames of padding
 
 
 def _flash_and_clicks(offset_s: float, num_frames: int = 97, seed: int = 1):
