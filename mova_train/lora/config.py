@@ -110,13 +110,10 @@ def lora_config_to_dict(cfg: LoraConfig) -> dict[str, Any]:
 
 def lora_config_from_dict(data: Any, *, where: str) -> LoraConfig:
     """Build and validate a LoraConfig from a dict (JSON/YAML/OmegaConf); `where` names the source in errors."""
-    try:  # accept OmegaConf nodes without importing omegaconf eagerly
-        from omegaconf import DictConfig, OmegaConf
+    from omegaconf import DictConfig, OmegaConf  # imported here: accepting OmegaConf nodes is the only use
 
-        if isinstance(data, DictConfig):
-            data = OmegaConf.to_container(data, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
+    if isinstance(data, DictConfig):
+        data = OmegaConf.to_container(data, resolve=True)
     if not isinstance(data, dict):
         raise LoraError(f"{where}: LoRA config must be a mapping, got {type(data).__name__}")
     known = {f.name for f in dataclasses.fields(LoraConfig)}

@@ -142,12 +142,9 @@ def _lora_from_experiment(root: Path, name: str) -> LoraConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    try:  # the trainer's typed schema (`train_schema`), which configs/train.yaml starts from
-        from mova_train.config import register_configs
-    except ImportError:  # pragma: no cover - the trainer package is part of the project
-        pass
-    else:
-        register_configs()
+    from mova_train.config import register_configs  # the typed schema configs/train.yaml starts from
+
+    register_configs()
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(root), version_base=None):
