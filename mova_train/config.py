@@ -212,6 +212,19 @@ def required_components(cfg: TrainConfig) -> tuple[str, ...]:
     return tuple(c for c in COMPONENTS if c in experts or c not in EXPERTS)
 
 
+def _check_shards(name: str, spec: str) -> None:
+    """Manifest and shard files present (headers only; no sample is read)."""
+    from mova_train.data.loader import resolve_shards
+
+    try:
+        resolve_shards(spec)
+    except ValueError as e:
+        message = str(e)
+        raise ConfigValueError(
+            message if message.startswith(name) else f"{name}={spec!r}: {message}"
+        ) from None
+
+
 def validate_config(cfg: TrainConfig) -> TrainConfig:
     """Check every field a user sets; raise ConfigValueError (a ValueError) naming the field. Returns cfg.
 
@@ -283,8 +296,11 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
                 f"objective.high_noise_ratio={o.high_noise_ratio} never trains {idle}, but lora.targets has it"
             )
 
-    # data (the loader's own validation names data.* fields)
+    # data (the loader's own validation names data.* fields); the shards must exist before any run dir appears
     check_data_config(cfg.data)
+    _check_shards("data.shards", cfg.data.shards)
+    if cfg.eval.heldout_shards:
+        _check_shards("eval.heldout_shards", cfg.eval.heldout_shards)
 
     # optim
     _check_choice("optim.name", opt.name, OPTIMIZERS)

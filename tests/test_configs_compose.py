@@ -131,6 +131,15 @@ def test_validation_runs_before_any_process_group_or_run_dir(tiny_checkpoint, sh
     assert not (tmp_path / "run").exists()
 
 
+def test_missing_shards_fail_before_any_run_dir(tiny_checkpoint, shards, tmp_path):
+    for bad, message in ((tmp_path / "nowhere", "not found"), (tmp_path, "no manifest.json")):
+        cfg = compose_train(tiny_overrides(tiny_checkpoint, shards, tmp_path / "run", f"data.shards={bad}"))
+        with pytest.raises(ConfigValueError, match=message) as e:
+            run(cfg)
+        assert "data.shards" in str(e.value)
+        assert not (tmp_path / "run").exists()
+
+
 def test_train_py_exits_2_with_one_line_on_a_bad_value(tiny_checkpoint, shards, tmp_path):
     cmd = [
         sys.executable,
