@@ -110,10 +110,21 @@ def decode_sample(sample: dict, *, where: str = "") -> tuple[dict, dict[str, tor
     return meta, tensors
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in `t`. max(|t|) propagates both: ~15x cheaper than isfinite(t).all() on 360p bf16 latents."""
+    return t.numel() == 0 or bool(torch.isfinite(t.abs().amax()))
+
+
 def validate_sample(
-    meta: dict, tensors: dict[str, torch.Tensor], *, expect: SampleSpec, where: str = ""
+    meta: dict,
+    tensors: dict[str, torch.Tensor],
+    *,
+    expect: SampleSpec,
+    where: str = "",
+    check_finite: bool = True,
 ) -> None:
-    """Check metadata fields, tensor names, dtypes, shapes (against each other and the metadata) and finiteness."""
+    """Check metadata fields, tensor names, dtypes, shapes (against each other and the metadata) and finiteness
+    (`check_finite=False` for a caller that has just checked it, e.g. the loader counting NaN samples apart)."""
     at = f"sample {meta.get('clip_id', '?')!r}" + (f" in {where}" if where else "")
     for name, typ in REQUIRED_META.items():
         if name not in meta:
@@ -136,8 +147,7 @@ def validate_sample(
         t = tensors[name]
         if t.dtype not in LATENT_DTYPES:
             raise ShardFormatError(f"{at}: {name} has dtype {t.dtype}; allowed: float32, bfloat16, float16")
-        # amax propagates NaN and keeps Inf: ~15x cheaper than isfinite(t).all() on 360p latents.
-        if t.numel() and not torch.isfinite(t.abs().amax()):
+        if check_finite and not all_finite(t):
             raise ShardFormatError(f"{at}: {name} holds NaN or Inf values")
 
     video, first, audio, text = (tensors[n] for n in REQUIRED_TENSORS)

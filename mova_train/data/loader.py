@@ -60,6 +60,7 @@ from mova_train.data.contract import (
     Manifest,
     SampleSpec,
     ShardFormatError,
+    all_finite,
     decode_sample,
     load_manifest,
     parse_bucket,
@@ -305,11 +306,6 @@ class _Rejection(NamedTuple):
     message: str
 
 
-def _all_finite(t: torch.Tensor) -> bool:
-    # max(|t|) propagates NaN and Inf; ~15x faster than isfinite(t).all() on CPU bf16 (no bool tensor).
-    return t.numel() == 0 or bool(torch.isfinite(t.abs().amax()))
-
-
 def _group_key(meta: dict, tensors: dict[str, torch.Tensor]) -> str:
     def shape(name: str) -> str:
         return "x".join(str(d) for d in tensors[name].shape)
@@ -547,12 +543,12 @@ class _SlotReader:
         tensors = {n: tensors[n] for n in REQUIRED_TENSORS}  # optional extra features are not batched
         if self.cfg.validate:
             bad = [
-                n for n in REQUIRED_TENSORS if tensors[n].is_floating_point() and not _all_finite(tensors[n])
+                n for n in REQUIRED_TENSORS if tensors[n].is_floating_point() and not all_finite(tensors[n])
             ]
             if bad:
                 return _Rejection("non_finite", f"{at}: {bad} hold NaN or Inf")
             try:
-                validate_sample(meta, tensors, expect=self.plan.spec, where=url)
+                validate_sample(meta, tensors, expect=self.plan.spec, where=url, check_finite=False)
             except ShardFormatError as e:
                 return _Rejection("invalid", str(e))
             if meta["clip_id"] != key:
