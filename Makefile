@@ -4,15 +4,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= demo_out
+# Every other package at the exact version the tests (and the golden-loss file) were made with; `make lock` refreshes it.
+LOCK := requirements/lock.txt
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test lint format bench clean lock
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -c $(LOCK) pip
 	# torch first, pinned, so the project's range is already satisfied and no CUDA wheels are pulled
-	$(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -c $(LOCK) "$(TORCH_SPEC)"
+	$(PY) -m pip install -c $(LOCK) -e ".[dev]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -39,6 +41,20 @@ bench: setup
 	$(PY) -m data_tools bench
 	$(PY) -m mova_train.bench train
 	$(PY) -m mova_train.sampling.bench
+
+# Re-resolve the newest versions the project's ranges allow into $(LOCK), in a throw-away venv. Then regenerate the
+# golden-loss file in the same commit (README: "Pinned dependencies"); the tests refuse a lock the golden file was not
+# made with.
+lock:
+	rm -rf .lockenv
+	$(PYTHON) -m venv .lockenv
+	.lockenv/bin/python -m pip install --upgrade pip
+	.lockenv/bin/python -m pip install "$(TORCH_SPEC)"
+	.lockenv/bin/python -m pip install ".[dev]"
+	head -n 3 $(LOCK) > $(LOCK).new
+	.lockenv/bin/python -m pip freeze --all --exclude-editable | grep -viE '^(torch|mova-train)==' >> $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf .lockenv
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache

@@ -15,7 +15,7 @@ from hydra.errors import ConfigCompositionException
 from mova_train.config import PROJECT_ROOT, ConfigValueError, TrainConfig, to_train_config, validate_config
 from mova_train.training.synthetic import write_random_shards_for
 from mova_train.training.trainer import run
-from tests.train_utils import CONFIG_DIR, compose_train, tiny_overrides
+from tests.train_utils import CONFIG_DIR, compose_train, subprocess_timeout, tiny_overrides
 
 GROUP_FILES = sorted((p.parent.name, p.stem) for p in CONFIG_DIR.glob("*/*.yaml"))
 
@@ -146,7 +146,9 @@ def test_train_py_exits_2_with_one_line_on_a_bad_value(tiny_checkpoint, shards, 
         "train.py",
         *tiny_overrides(tiny_checkpoint, shards, tmp_path / "run", "trainer.save_every=0"),
     ]
-    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=subprocess_timeout(240)
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("train.py: error: trainer.save_every=0")

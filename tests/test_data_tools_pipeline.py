@@ -21,6 +21,7 @@ from tests.fixtures_data import (  # noqa: E402
     run_data_tools,
     shard_files,
 )
+from tests.train_utils import subprocess_timeout  # noqa: E402
 
 FPS = 24.0
 
@@ -226,7 +227,7 @@ def test_two_rank_encode_splits_the_plan_deterministically(prepared, tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=subprocess_timeout(240),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = verify(out)

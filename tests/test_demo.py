@@ -11,11 +11,12 @@ import pytest
 
 from mova_train.config import PROJECT_ROOT
 from mova_train.media import read_mp4
+from tests.train_utils import subprocess_timeout
 
 pytestmark = pytest.mark.distributed
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(3600)
 def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(
@@ -23,7 +24,7 @@ def test_demo_runs_end_to_end(tmp_path):
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=subprocess_timeout(600),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "=== mova-train demo finished ===" in proc.stdout

@@ -14,6 +14,7 @@ import torch
 
 from mova_train.lora import load_adapters
 from mova_train.lora.export import ExportError, export_adapter
+from tests.train_utils import subprocess_timeout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,7 +85,7 @@ def test_export_from_a_zero3_checkpoint(tiny_checkpoint, tmp_path):
         procs.append(
             subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         )
-    logs = [p.communicate(timeout=240)[0].decode(errors="replace") for p in procs]
+    logs = [p.communicate(timeout=subprocess_timeout(240))[0].decode(errors="replace") for p in procs]
     assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
     assert len(list(ckpt.rglob("*_model_states.pt"))) == 2  # really sharded over two ranks
     assert not (ckpt / "adapter").exists()

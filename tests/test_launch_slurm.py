@@ -18,7 +18,7 @@ import pytest
 from mova_train.config import PROJECT_ROOT
 from mova_train.training import checkpoint as ckpt_io
 from mova_train.training.synthetic import write_random_shards_for
-from tests.train_utils import read_metrics
+from tests.train_utils import read_metrics, subprocess_timeout
 
 pytestmark = pytest.mark.distributed
 
@@ -116,7 +116,7 @@ def test_usr1_checkpoints_requeues_and_the_requeued_job_resumes(slurm_env):
         time.sleep(0.05)
     assert job.poll() is None, job.communicate()[0][-3000:]
     job.send_signal(signal.SIGUSR1)  # what SLURM sends the batch shell 10 minutes before the limit
-    out, _ = job.communicate(timeout=300)
+    out, _ = job.communicate(timeout=subprocess_timeout(300))
     assert job.returncode == 0, out[-4000:]
     assert f"rendezvous localhost:{env['MASTER_PORT']}" in out
     assert "1 node(s) x 2 process(es)" in out
@@ -131,7 +131,7 @@ def test_usr1_checkpoints_requeues_and_the_requeued_job_resumes(slurm_env):
 
     # The requeued job runs the same script again; it resumes from the saved step (two more steps here).
     again = _sbatch(env, [*overrides, "trainer.max_steps_per_run=2"])
-    out2, _ = again.communicate(timeout=300)
+    out2, _ = again.communicate(timeout=subprocess_timeout(300))
     assert again.returncode == 0, out2[-4000:]
     steps = [m["step"] for m in read_metrics(run_dir)]
     assert steps == list(range(1, stopped_at + 3)), steps

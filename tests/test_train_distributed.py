@@ -28,7 +28,7 @@ from mova_train.models import expert_for_timestep
 from mova_train.models.checkpoint import load_mova, read_mova_config
 from mova_train.training import checkpoint as ckpt_io
 from mova_train.training.synthetic import write_random_shards_for
-from tests.train_utils import read_metrics
+from tests.train_utils import REFERENCE_NUMERICS_ENV, lock_sha256, read_metrics, subprocess_timeout
 
 pytestmark = pytest.mark.distributed
 
@@ -55,12 +55,17 @@ def launch_cmd(checkpoint: Path, shards: Path, run_dir: Path, *extra: str) -> li
 
 
 def launch_env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_SILENT": "true"}
+    return {**os.environ, **REFERENCE_NUMERICS_ENV, "TOKENIZERS_PARALLELISM": "false", "WANDB_SILENT": "true"}
 
 
 def launch(cmd: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        cmd, cwd=PROJECT_ROOT, env=launch_env(), capture_output=True, text=True, timeout=timeout
+        cmd,
+        cwd=PROJECT_ROOT,
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=subprocess_timeout(timeout),
     )
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
@@ -93,14 +98,14 @@ def sigterm_run(tiny_checkpoint, shards, tmp_path_factory):
         cmd, cwd=PROJECT_ROOT, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     metrics, log1 = run_dir / "metrics.jsonl", run_dir / "logs" / "rank1.log"
-    deadline = time.time() + 300
+    deadline = time.time() + subprocess_timeout(300)
     while time.time() < deadline and proc.poll() is None:
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2 and log1.is_file():
             break
         time.sleep(0.02)
     pid = int(re.search(r"rank 1/2 pid (\d+)", log1.read_text()).group(1))
     os.kill(pid, signal.SIGTERM)
-    out, _ = proc.communicate(timeout=300)
+    out, _ = proc.communicate(timeout=subprocess_timeout(300))
     first_rc = proc.returncode
     stopped_at = len(read_metrics(run_dir))
     checkpoints_after_stop = [s for s, _ in ckpt_io.list_checkpoints(run_dir)]
@@ -291,9 +296,20 @@ def test_golden_losses(zero2_run):
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(json.dumps({
             "note": "per-step losses of tests/test_train_distributed.py's ZeRO-2 tiny_demo run (2 CPU processes, "
-                    "fp32, seed 0, make_tiny seed 0, random shards seed 0); generated after the resume test passed, "
-                    "with MOVA_WRITE_GOLDEN=1. A change to the model, objective, data order or optimizer that alters "
-                    "training must regenerate it deliberately.",
+                    "fp32, seed 0, make_tiny seed 0, random shards seed 0) under the reference numerics env, with "
+                    "torch and requirements/lock.txt as recorded here; generated after the resume test passed, "
+                    "with MOVA_WRITE_GOLDEN=1. A change to the model, objective, data order, optimizer or pinned "
+                    "dependencies that alters training must regenerate it deliberately (README: Pinned dependencies).",
+            "torch": torch.__version__.split("+")[0],
+            "lock_sha256": lock_sha256(),
+            "numerics_env": REFERENCE_NUMERICS_ENV,
             "losses": losses,
         }, indent=1) + "\n")  # fmt: skip
-    assert losses == json.loads(GOLDEN.read_text())["losses"]
+    golden = json.loads(GOLDEN.read_text())
+    made_with = (golden.get("torch"), golden.get("lock_sha256"), golden.get("numerics_env"))
+    now = (torch.__version__.split("+")[0], lock_sha256(), REFERENCE_NUMERICS_ENV)
+    assert made_with == now, (
+        f"the golden file was made with (torch, lock sha256, numerics env) = {made_with}, this run has {now}: "
+        "install with `make setup`, or regenerate the golden file with the new pins (README: Pinned dependencies)"
+    )
+    assert losses == golden["losses"]

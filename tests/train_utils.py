@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 from mova_train.config import PROJECT_ROOT, register_configs
 
 CONFIG_DIR = PROJECT_ROOT / "configs"
+LOCK_FILE = PROJECT_ROOT / "requirements" / "lock.txt"
+
+# The golden-loss runs use CPU kernels that give the same bits on any x86-64 CPU with AVX2, not the fastest ones
+# this CPU has: MKL's conditional numerical reproducibility, and ATen / oneDNN capped at AVX2. Without these the
+# same code and packages give ~1e-7 different losses on another CPU model (MKL picks other code paths).
+REFERENCE_NUMERICS_ENV = {
+    "MKL_CBWR": "COMPATIBLE",
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "OMP_NUM_THREADS": "1",
+}
+
+
+def lock_sha256() -> str:
+    return hashlib.sha256(LOCK_FILE.read_bytes()).hexdigest()
+
+
+def subprocess_timeout(seconds: float) -> int:
+    """A subprocess limit that holds on a loaded machine: the base figure (what a quiet 2-core machine needs, with
+    room) times 2, and times the load per core beyond that. A limit only catches hangs, so generous is right."""
+    load_per_core = os.getloadavg()[0] / (os.cpu_count() or 1)
+    return int(seconds * 2 * max(1.0, load_per_core))
 
 
 def compose_train(overrides: list[str], config_dir: Path = CONFIG_DIR):
