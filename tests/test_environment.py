@@ -38,7 +38,9 @@ def test_lock_pins_every_direct_dependency():
     direct = [Requirement(r) for r in metadata.requires("mova-train") or []]
     unpinned = [r.name for r in direct if canonical(r.name) not in pins and r.name != "torch"]
     assert not unpinned, f"{LOCK_FILE.name} does not pin {unpinned}; run `make lock`"
-    assert not any(canonical(n) in ("torch", "mova-train") for n in pins), "torch is pinned by the Makefile only"
+    assert not any(canonical(n) in ("torch", "mova-train") for n in pins), (
+        "torch is pinned by the Makefile only"
+    )
 
 
 def test_installed_packages_match_the_lock():

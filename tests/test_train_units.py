@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from mova_train import run_layout
 from mova_train.config import EXPERTS, ObjectiveConfig, OptimConfig, TrainConfig
 from mova_train.models import EXPERTS as MODEL_EXPERTS
 from mova_train.models import FlowMatchScheduler, expert_for_timestep
@@ -189,8 +190,8 @@ def test_lr_schedule_follows_the_formula():
 def test_checkpoint_folders_are_atomic_and_pruned(tmp_path):
     for step in (5, 10, 15):
         tmp = ckpt_io.begin_checkpoint(tmp_path, step)
-        assert ckpt_io.find_latest_checkpoint(tmp_path) is None or f"{step:08d}" not in str(
-            ckpt_io.find_latest_checkpoint(tmp_path)
+        assert run_layout.latest_checkpoint(tmp_path) is None or f"{step:08d}" not in str(
+            run_layout.latest_checkpoint(tmp_path)
         )  # an in-progress folder is never "latest"
         ckpt_io.write_trainer_state(tmp, {"step": step})
         ckpt_io.commit_checkpoint(tmp, keep_last=2)
@@ -198,7 +199,7 @@ def test_checkpoint_folders_are_atomic_and_pruned(tmp_path):
     # a crash mid-save leaves a dot-folder: ignored, then removed at the next start
     stale = ckpt_io.begin_checkpoint(tmp_path, 20)
     (stale / "half.bin").write_bytes(b"x")
-    assert ckpt_io.find_latest_checkpoint(tmp_path).name == "step-00000015"
+    assert run_layout.latest_checkpoint(tmp_path).name == "step-00000015"
     ckpt_io.remove_stale_tmp(tmp_path)
     assert not stale.exists()
     assert ckpt_io.resolve_resume("auto", tmp_path).name == "step-00000015"

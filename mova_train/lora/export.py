@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from mova_train import run_layout as layout
 from mova_train.checkpoint_io import CheckpointError, read_component_header, read_json
 from mova_train.identity import base_identity
 from mova_train.lora.adapters import (
@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 EXPORT_FORMATS = ("peft", "mova", "comfyui", "merged")
 WEIGHTS_NAME = "diffusion_pytorch_model"  # the diffusion components' weight file stem in the released layout
 EXPORT_RECORD = "mova_train_export.json"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -67,16 +66,12 @@ class AdapterSource:
 
 
 def _latest_checkpoint(run_dir: Path) -> Path:
-    steps = []
-    for child in (run_dir / "checkpoints").iterdir():
-        m = _STEP_DIR.match(child.name)
-        if (
-            m and child.is_dir()
-        ):  # in-progress checkpoints are written under a dot-name and renamed when complete
-            steps.append((int(m.group(1)), child))
-    if not steps:
-        raise ExportError(f"run dir {run_dir} has no complete checkpoint (checkpoints/step-*/)")
-    return max(steps)[1]
+    latest = layout.latest_checkpoint(run_dir)
+    if latest is None:
+        raise ExportError(
+            f"run dir {run_dir} has no complete checkpoint ({layout.CHECKPOINTS_DIR}/step-*/ with {layout.STATE_FILE})"
+        )
+    return latest
 
 
 def _find_zero_dir(ckpt_dir: Path) -> Path | None:
@@ -91,9 +86,9 @@ def _run_files(ckpt_dir: Path | None) -> tuple[dict, str | None]:
     """(trainer_state.json of the checkpoint, text of the run's config.yaml) when they exist."""
     if ckpt_dir is None:
         return {}, None
-    state_file = ckpt_dir / "trainer_state.json"
+    state_file = ckpt_dir / layout.STATE_FILE
     trainer_state = read_json(state_file) if state_file.is_file() else {}
-    config_file = ckpt_dir.parent.parent / "config.yaml"
+    config_file = layout.run_dir_of(ckpt_dir) / layout.CONFIG_FILE
     config_text = config_file.read_text(encoding="utf-8") if config_file.is_file() else None
     return trainer_state, config_text
 
@@ -105,8 +100,8 @@ def _fill_metadata(metadata: dict[str, str], ckpt_dir: Path | None) -> dict[str,
     if not meta.get(META_STEP):
         if "step" in trainer_state:
             meta[META_STEP] = str(trainer_state["step"])
-        elif ckpt_dir is not None and _STEP_DIR.match(ckpt_dir.name):
-            meta[META_STEP] = str(int(_STEP_DIR.match(ckpt_dir.name).group(1)))
+        elif ckpt_dir is not None and layout.checkpoint_step(ckpt_dir) is not None:
+            meta[META_STEP] = str(layout.checkpoint_step(ckpt_dir))
     if not meta.get(META_BASE_IDENTITY) and trainer_state.get("base_identity"):
         meta[META_BASE_IDENTITY] = str(trainer_state["base_identity"])
     if not meta.get(META_TRAINING_CONFIG) and config_text is not None:
@@ -121,13 +116,13 @@ def _fill_metadata(metadata: dict[str, str], ckpt_dir: Path | None) -> dict[str,
 def _load_zero(ckpt_dir: Path, zero_dir: Path) -> AdapterSource:
     trainer_state, config_text = _run_files(ckpt_dir)
     lora_node = trainer_state.get("lora")
-    where = f"{ckpt_dir / 'trainer_state.json'} (lora)"
+    where = f"{ckpt_dir / layout.STATE_FILE} (lora)"
     if lora_node is None and config_text is not None:
         from omegaconf import OmegaConf
 
         node = OmegaConf.create(config_text)
         lora_node = node.get("lora")
-        where = f"{ckpt_dir.parent.parent / 'config.yaml'} (lora)"
+        where = f"{layout.run_dir_of(ckpt_dir) / layout.CONFIG_FILE} (lora)"
     if lora_node is None:
         raise ExportError(
             f"{ckpt_dir} has only a DeepSpeed checkpoint and no LoRA config was found in trainer_state.json "
@@ -154,15 +149,15 @@ def load_adapter_source(path: str | os.PathLike, *, from_zero: bool = False) -> 
     if not p.exists():
         raise ExportError(f"{p} does not exist")
     ckpt_dir: Path | None = None
-    if p.is_dir() and (p / "checkpoints").is_dir():
+    if layout.is_run_dir(p):
         p = _latest_checkpoint(p)
         log.info("exporting the latest checkpoint %s", p)
     if p.is_file() or (p / ADAPTER_WEIGHTS).is_file():
         adapter = p
-        if p.is_dir() and p.name == "adapter":
+        if p.is_dir() and p.name == layout.ADAPTER_DIR:
             ckpt_dir = p.parent
-    elif (p / "adapter" / ADAPTER_WEIGHTS).is_file():
-        adapter, ckpt_dir = p / "adapter", p
+    elif (layout.adapter_dir(p) / ADAPTER_WEIGHTS).is_file():
+        adapter, ckpt_dir = layout.adapter_dir(p), p
     else:
         zero_dir = _find_zero_dir(p) if p.is_dir() else None
         if zero_dir is None:

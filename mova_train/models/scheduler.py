@@ -6,6 +6,7 @@ Timesteps t are in [0, num_train_timesteps] (t = 1000·σ after the shift), the 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .config import EXPERTS, SchedulerConfig
 
@@ -110,6 +111,22 @@ class FlowMatchScheduler:
     def target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Velocity target v* = noise - x0."""
         return noise - x0
+
+    @staticmethod
+    def loss(
+        pred_video: torch.Tensor,
+        pred_audio: torch.Tensor,
+        target_video: torch.Tensor,
+        target_audio: torch.Tensor,
+        *,
+        weight_video: float = 1.0,
+        weight_audio: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The training loss (spec §16: plain MSE of the velocities, in fp32): (weighted total, video, audio).
+        The one formula that training and the held-out evaluation both use."""
+        loss_v = F.mse_loss(pred_video.float(), target_video)
+        loss_a = F.mse_loss(pred_audio.float(), target_audio)
+        return weight_video * loss_v + weight_audio * loss_a, loss_v, loss_a
 
     def step(
         self,

@@ -170,14 +170,16 @@ def heldout_loss(
     seed: int = 0,
     max_batches: int | None = None,
     video_fps: float = 24.0,
+    loss_weights: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """The training objective (spec §12, §16) on held-out batches at fixed timesteps and fixed noise.
 
     batches: loader Batches (video, first_frame, audio, text). build_condition: first_frame latent [B,16,T,h,w] ->
     y [B,20,T,h,w] (default: mova_train.codecs.build_i2v_condition). Every batch is scored at each timestep of the training table
     listed in `timestep_indices`, with the expert the router picks for it and noise from a CPU generator seeded by
-    (seed, batch index), so the figure only moves when the model does. Returns mean loss, its video/audio parts,
-    and the mean per expert.
+    (seed, batch index), so the figure only moves when the model does. The loss is the training formula
+    (`FlowMatchScheduler.loss`) with `loss_weights` (the objective's `loss_weights`; default 1 and 1). Returns mean
+    loss, its video/audio parts, and the mean per expert.
     """
     if build_condition is None:
         from mova_train.codecs import build_i2v_condition as build_condition
@@ -224,13 +226,14 @@ def heldout_loss(
                         expert=expert,
                         video_fps=video_fps,
                     )
-                    loss_video = torch.mean(
-                        (pred_video.float() - scheduler.target(x0_video, noise_video)) ** 2
+                    total, loss_video, loss_audio = scheduler.loss(
+                        pred_video,
+                        pred_audio,
+                        scheduler.target(x0_video, noise_video),
+                        scheduler.target(x0_audio, noise_audio),
+                        **(loss_weights or {}),
                     )
-                    loss_audio = torch.mean(
-                        (pred_audio.float() - scheduler.target(x0_audio, noise_audio)) ** 2
-                    )
-                    loss = float(loss_video + loss_audio)
+                    loss = float(total)
                     sums["loss"] += loss
                     sums["loss_video"] += float(loss_video)
                     sums["loss_audio"] += float(loss_audio)

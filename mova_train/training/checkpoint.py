@@ -1,23 +1,13 @@
-"""Training checkpoints: atomic step folders, fingerprints that refuse an incompatible resume, RNG streams and
-the optimizer state of non-DeepSpeed runs, in safetensors + JSON (never pickle).
-
-Layout of `<run_dir>/checkpoints/step-XXXXXXXX/` (written as `.tmp-step-XXXXXXXX`, renamed when complete):
-
-    trainer_state.json          step, counters, fingerprint, base identity, LoRA config (written last)
-    adapter/                    adapters.safetensors + adapter_config.json (consolidated, also under ZeRO-3)
-    optimizer.safetensors/.json optimizer state without DeepSpeed (moments as tensors, hyper-parameters as JSON)
-    deepspeed/                  DeepSpeed engine checkpoint (per-rank ZeRO partitions) with DeepSpeed
-    rank{N}/rng.safetensors     torch CPU/CUDA RNG + the objective's generator of rank N
-    rank{N}/state.json          python/numpy RNG and the data-loader position of rank N
+"""Training checkpoint files: atomic step folders, fingerprints that refuse an incompatible resume, RNG streams and
+the optimizer state of non-DeepSpeed runs, in safetensors + JSON (never pickle). The folder layout is
+`mova_train.run_layout`'s; the component that decides what goes in is `mova_train.training.checkpointer`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,41 +16,22 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from mova_train import run_layout as layout
 from mova_train.checkpoint_io import read_json, write_json_atomic, write_safetensors
+from mova_train.run_layout import CHECKPOINTS_DIR, STATE_FILE, list_checkpoints
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS_DIR = "checkpoints"
-STATE_FILE = "trainer_state.json"
 STATE_VERSION = 1
-_STEP_DIR = re.compile(r"^step-(\d{8,})$")
-_TMP_PREFIX = ".tmp-step-"
+__all__ = [
+    "CHECKPOINTS_DIR",
+    "STATE_FILE",
+    "list_checkpoints",
+]  # the layout's names, used with these functions
 
 
 class ResumeError(ValueError):
     """A checkpoint that cannot be resumed from: missing, incomplete, or saved by an incompatible run."""
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run, oldest first. In-progress ones live under a dot-name and are not listed."""
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        m = _STEP_DIR.match(child.name)
-        if m and child.is_dir() and (child / STATE_FILE).is_file():
-            found.append((int(m.group(1)), child))
-    return sorted(found)
-
-
-def find_latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1][1] if found else None
 
 
 def resolve_resume(resume: str, run_dir: Path) -> Path | None:
@@ -69,11 +40,11 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
     if resume == "never":
         return None
     if resume == "auto":
-        return find_latest_checkpoint(run_dir)
+        return layout.latest_checkpoint(run_dir)
     path = Path(resume)
     if (path / STATE_FILE).is_file():
         return path
-    latest = find_latest_checkpoint(path)
+    latest = layout.latest_checkpoint(path)
     if latest is None:
         raise ResumeError(
             f"trainer.resume={resume!r}: neither a checkpoint folder (with {STATE_FILE}) nor a run dir with "
@@ -111,7 +82,7 @@ def check_fingerprint(saved: dict, current: dict, *, where: str) -> None:
 
 def begin_checkpoint(run_dir: Path, step: int) -> Path:
     """Create the in-progress folder for `step` (main process only); stale leftovers of it are removed."""
-    tmp = Path(run_dir) / CHECKPOINTS_DIR / f"{_TMP_PREFIX}{step:08d}"
+    tmp = layout.in_progress_dir(run_dir, step)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -120,7 +91,7 @@ def begin_checkpoint(run_dir: Path, step: int) -> Path:
 
 def commit_checkpoint(tmp: Path, keep_last: int) -> Path:
     """Rename the finished folder into place, then prune older complete checkpoints (main process only)."""
-    final = tmp.parent / tmp.name.replace(_TMP_PREFIX, "step-")
+    final = layout.final_dir(tmp)
     if final.exists():  # an older run reached the same step; the new one replaces it only once complete
         old = final.with_name(final.name + ".old")
         os.replace(final, old)
@@ -137,10 +108,10 @@ def commit_checkpoint(tmp: Path, keep_last: int) -> Path:
 
 def remove_stale_tmp(run_dir: Path) -> None:
     """In-progress folders left by a crash are incomplete by definition."""
-    root = Path(run_dir) / CHECKPOINTS_DIR
+    root = layout.checkpoints_dir(run_dir)
     if root.is_dir():
         for child in root.iterdir():
-            if child.name.startswith(_TMP_PREFIX) or child.name.endswith(".old"):
+            if layout.is_leftover(child.name):
                 logger.warning("removing incomplete checkpoint %s", child)
                 shutil.rmtree(child, ignore_errors=True)
 
@@ -168,7 +139,7 @@ def _save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 def save_rank_state(ckpt: Path, rank: int, generator: torch.Generator, loader_state: dict) -> None:
     """Every RNG stream of this rank plus its data position, in `rank{N}/`."""
-    folder = ckpt / f"rank{rank}"
+    folder = layout.rank_dir(ckpt, rank)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {"torch_cpu": torch.get_rng_state(), "objective": generator.get_state()}
     if torch.cuda.is_available():
@@ -195,7 +166,7 @@ def save_rank_state(ckpt: Path, rank: int, generator: torch.Generator, loader_st
 
 def load_rank_state(ckpt: Path, rank: int, generator: torch.Generator) -> dict:
     """Restore this rank's RNG streams; returns its loader state."""
-    folder = ckpt / f"rank{rank}"
+    folder = layout.rank_dir(ckpt, rank)
     if not (folder / "rng.safetensors").is_file() or not (folder / "state.json").is_file():
         raise ResumeError(f"{ckpt} has no state for rank {rank} ({folder}): saved with fewer processes?")
     tensors = load_file(str(folder / "rng.safetensors"))
@@ -263,7 +234,3 @@ def _jsonable(obj: Any) -> Any:
 
 def write_trainer_state(ckpt: Path, state: dict) -> None:
     write_json_atomic(ckpt / STATE_FILE, {"version": STATE_VERSION, **state})
-
-
-def dumps_canonical(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))

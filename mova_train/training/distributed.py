@@ -1,26 +1,22 @@
-"""accelerate / DeepSpeed plumbing: the Accelerator, the resolved DeepSpeed config, and one `Stepper` interface
-for backward + optimizer step with or without DeepSpeed, plus small collective helpers.
+"""accelerate / DeepSpeed plumbing: the Accelerator, the resolved DeepSpeed config, and small collective helpers.
+The training backends (`mova_train.training.backend`) build on these.
 
-Nothing here knows about MOVA; the trainer hands in a model, an optimizer and losses.
+Nothing here knows about MOVA.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
 import math
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from mova_train.config import ConfigValueError, TrainConfig, resolve_path
-from mova_train.upstream import clear_zero3_stale_grads
 
 logger = logging.getLogger(__name__)
 
@@ -209,111 +205,3 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Backward + optimizer step
-
-
-@dataclass
-class StepResult:
-    applied: bool  # False: skipped on every rank (non-finite loss or gradient)
-    grad_norm: float  # global norm before clipping (inf/nan when non-finite)
-
-
-class Stepper:
-    """backward per micro-step and one optimizer step per accumulation window, the same on every rank."""
-
-    zero_stage = 0
-
-    def __init__(self, accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float):
-        self.accelerator = accelerator
-        self.model = model  # what accelerate.prepare returned (DDP wrapper or DeepSpeed engine)
-        self.optimizer = optimizer  # the raw GroupMaskedAdamW
-        self.max_grad_norm = float(max_grad_norm)
-
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
-
-    def backward(self, loss: torch.Tensor, *, last_micro_step: bool) -> None:
-        raise NotImplementedError
-
-    def step(self, *, force_skip: bool) -> StepResult:
-        raise NotImplementedError
-
-    def gathered(self, params: list[nn.Parameter]):
-        """Context in which `params` hold their full values on every rank (a no-op except under ZeRO-3)."""
-        return contextlib.nullcontext()
-
-
-class PlainStepper(Stepper):
-    """accelerate without DeepSpeed: one process or DDP; accumulation with no_sync, clipping, finiteness check."""
-
-    def __init__(self, accelerator, model, optimizer, prepared_optimizer, max_grad_norm: float):
-        super().__init__(accelerator, model, optimizer, max_grad_norm)
-        self.prepared_optimizer = prepared_optimizer
-        self.params = [p for g in optimizer.param_groups for p in g["params"]]
-
-    def backward(self, loss: torch.Tensor, *, last_micro_step: bool) -> None:
-        # accelerator.backward divides by gradient_accumulation_steps; no_sync skips DDP's all-reduce until the
-        # last micro-step of the window.
-        ctx = contextlib.nullcontext() if last_micro_step else self.accelerator.no_sync(self.model)
-        with ctx:
-            self.accelerator.backward(loss)
-
-    def step(self, *, force_skip: bool) -> StepResult:
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if grads:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-        else:
-            norm = torch.zeros((), device=self.accelerator.device)
-        finite = bool(torch.isfinite(norm))
-        # DDP made the gradients equal on every rank; agree anyway so no rank can step alone.
-        (bad,) = all_reduce([0.0 if finite and not force_skip else 1.0], "max", self.accelerator.device)
-        applied = bad == 0.0
-        if applied:
-            if self.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-            self.prepared_optimizer.step()
-        self.prepared_optimizer.zero_grad(set_to_none=True)
-        return StepResult(applied, float(norm))
-
-
-class DeepSpeedStepper(Stepper):
-    """DeepSpeed engine: it scales by the accumulation steps, reduces and clips; a non-finite gradient on any
-    rank makes it skip the step on every rank (its overflow check all-reduces)."""
-
-    def __init__(self, accelerator, engine, optimizer, max_grad_norm: float):
-        super().__init__(accelerator, engine, optimizer, max_grad_norm)
-        self.engine = engine
-        self.zero_stage = int(engine.zero_optimization_stage())
-
-    def backward(self, loss: torch.Tensor, *, last_micro_step: bool) -> None:
-        assert self.engine.is_gradient_accumulation_boundary() == last_micro_step, (
-            "micro-step count out of sync"
-        )
-        self.engine.backward(loss)
-        if not last_micro_step:
-            self.engine.step()  # only advances DeepSpeed's micro-step counter inside a window
-
-    def step(self, *, force_skip: bool) -> StepResult:
-        assert self.engine.is_gradient_accumulation_boundary()
-        if force_skip:
-            # A non-finite loss poisons this rank's gradients; DeepSpeed then skips on all ranks by itself.
-            # force_skip with finite gradients everywhere (an impossible case today) is still honoured: the
-            # masked optimizer sees no active group.
-            for group in self.optimizer.param_groups:
-                group["active"] = False
-        self.engine.step()
-        applied = bool(self.engine.was_step_applied()) and not force_skip
-        norm = self.engine.get_global_grad_norm()
-        norm = float(norm) if norm is not None else math.nan
-        clear_zero3_stale_grads(self.engine)
-        return StepResult(applied, norm)
-
-    def gathered(self, params: list[nn.Parameter]):
-        if self.zero_stage != 3:
-            return contextlib.nullcontext()
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)

@@ -12,7 +12,6 @@ import random
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from mova_train.config import EXPERTS, ObjectiveConfig
 from mova_train.models import FlowMatchScheduler, expert_for_timestep
@@ -148,7 +147,28 @@ class FlowMatchingObjective:
         self, pred_video: torch.Tensor, pred_audio: torch.Tensor, inputs: MicroStepInputs
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(weighted total, video MSE, audio MSE), each a scalar computed in fp32 (spec §16: plain MSE)."""
-        loss_v = F.mse_loss(pred_video.float(), inputs.target_video)
-        loss_a = F.mse_loss(pred_audio.float(), inputs.target_audio)
-        total = self.cfg.loss_weight_video * loss_v + self.cfg.loss_weight_audio * loss_a
+        total, loss_v, loss_a = self.scheduler.loss(
+            pred_video, pred_audio, inputs.target_video, inputs.target_audio, **self.loss_weights
+        )
         return total, loss_v.detach(), loss_a.detach()
+
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        return {"weight_video": self.cfg.loss_weight_video, "weight_audio": self.cfg.loss_weight_audio}
+
+
+def batch_video_fps(batch, override: float | None) -> float:
+    """The frame rate the model is told (RoPE time scale): `objective.video_fps`, else the batch's own (one rate)."""
+    if override is not None:
+        return float(override)
+    rates = {float(m["fps"]) for m in batch.meta if "fps" in m}
+    if len(rates) > 1:
+        raise ValueError(f"batch {batch.keys} mixes frame rates {sorted(rates)}; set objective.video_fps")
+    return rates.pop() if rates else 24.0
+
+
+def tokens_per_sample(batch, patch_size: tuple[int, int, int]) -> int:
+    """Video patches + audio latent frames of one sample of `batch`."""
+    _, _, t, h, w = batch.video.shape
+    pt, ph, pw = patch_size
+    return (t // pt) * (h // ph) * (w // pw) + batch.audio.shape[-1]

@@ -19,16 +19,21 @@ import torch
 
 from mova_train.checkpoint_io import write_bytes_atomic, write_json_atomic
 from mova_train.config import PROJECT_ROOT, TrackingConfig
+from mova_train.run_layout import (
+    CODE_VERSION_FILE,
+    CONFIG_FILE,
+    LOGS_DIR,
+    METRICS_FILE,
+    RUN_INFO_FILE,
+    WANDB_ID_FILE,
+)
 
 logger = logging.getLogger("mova_train.training")
-
-METRICS_FILE = "metrics.jsonl"
-WANDB_ID_FILE = "wandb_run_id.txt"
 
 
 def setup_logging(run_dir: Path, rank: int) -> Path:
     """`<run_dir>/logs/rank{N}.log` for every rank (appended across resumes); rank 0 also logs to stderr."""
-    log_dir = run_dir / "logs"
+    log_dir = run_dir / LOGS_DIR
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / f"rank{rank}.log"
     fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s")
@@ -81,9 +86,9 @@ def write_run_files(run_dir: Path, config: dict, extra: dict) -> None:
     from omegaconf import OmegaConf
 
     text = OmegaConf.to_yaml(OmegaConf.create(config))
-    write_bytes_atomic(run_dir / "config.yaml", text.encode("utf-8"))
-    write_json_atomic(run_dir / "code_version.json", code_version())
-    write_json_atomic(run_dir / "run_info.json", extra)
+    write_bytes_atomic(run_dir / CONFIG_FILE, text.encode("utf-8"))
+    write_json_atomic(run_dir / CODE_VERSION_FILE, code_version())
+    write_json_atomic(run_dir / RUN_INFO_FILE, extra)
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -1,0 +1,231 @@
+"""Training backends: how a prepared model runs forward, backward and the optimizer step, how the trainable state
+is gathered, and how the backend's own part of a checkpoint is saved and loaded.
+
+`PlainBackend` is accelerate alone (one process or DDP); `DeepSpeedBackend` is a DeepSpeed ZeRO engine. The
+trainer and the checkpointer only call the `Backend` interface and never ask which one they hold; `build_backend`
+is the one place that chooses. New execution modes (expert offload, sequence-parallel groups) plug in here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mova_train.lora import extract_lora_state, load_adapters, load_lora_state_dict
+from mova_train.run_layout import DEEPSPEED_DIR, adapter_dir
+from mova_train.training import checkpoint as ckpt_io
+from mova_train.training.distributed import all_reduce
+from mova_train.upstream import clear_zero3_stale_grads
+
+
+@dataclass
+class StepResult:
+    applied: bool  # False: skipped on every rank (non-finite loss or gradient)
+    grad_norm: float  # global norm before clipping (inf/nan when non-finite)
+
+
+class Backend:
+    """backward per micro-step and one optimizer step per accumulation window, the same on every rank; the
+    trainable state in full on every rank; the backend's own part of a checkpoint."""
+
+    zero_stage = 0
+
+    def __init__(self, accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float):
+        self.accelerator = accelerator
+        self.module = model  # the raw model (PEFT-injected); `self.model` is what accelerate.prepare returned
+        self.optimizer = optimizer  # the raw GroupMaskedAdamW
+        self.max_grad_norm = float(max_grad_norm)
+        self.model, self.prepared_optimizer = accelerator.prepare(model, optimizer)
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype model inputs are cast to (autocast, where used, handles the rest)."""
+        return torch.float32
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor, *, last_micro_step: bool) -> None:
+        raise NotImplementedError
+
+    def step(self, *, force_skip: bool) -> StepResult:
+        raise NotImplementedError
+
+    def gathered(self, params: list[nn.Parameter]):
+        """Context in which `params` hold their full values on every rank (a no-op except under ZeRO-3)."""
+        return contextlib.nullcontext()
+
+    def full_fp32(self, p: nn.Parameter) -> torch.Tensor:
+        return p.detach().float().cpu()
+
+    def local_data(self, p: nn.Parameter) -> torch.Tensor:
+        """The part of `p` this rank holds."""
+        return p.data
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Canonical adapter state with full fp32 values on every rank (collective under ZeRO)."""
+        named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        return extract_lora_state({n: self.full_fp32(p) for n, p in named})
+
+    def frozen_base_sha256(self) -> str:
+        """sha256 over the frozen base weights this rank holds, by canonical name (PEFT's `base_layer.` removed),
+        in sorted order, as raw bytes. Under ZeRO-3 each rank hashes its own partitions."""
+        h = hashlib.sha256()
+        named = [
+            (name.replace("base_layer.", "").removeprefix("module."), self.local_data(p))
+            for name, p in self.module.named_parameters()
+            if not p.requires_grad
+        ]
+        for name, data in sorted(named, key=lambda x: x[0]):
+            h.update(name.encode())
+            h.update(str(data.dtype).encode())
+            h.update(data.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    def save(self, ckpt: Path, *, is_main: bool) -> None:
+        """Write this backend's part of a checkpoint (collective). The adapter itself is the checkpointer's."""
+        raise NotImplementedError
+
+    def load(self, ckpt: Path) -> None:
+        """Restore the trainable weights and the optimizer state from a checkpoint (collective)."""
+        raise NotImplementedError
+
+
+class PlainBackend(Backend):
+    """accelerate without DeepSpeed: one process or DDP; accumulation with no_sync, clipping, finiteness check."""
+
+    def __init__(self, accelerator, model, optimizer, max_grad_norm: float):
+        super().__init__(accelerator, model, optimizer, max_grad_norm)
+        world_size = accelerator.num_processes
+        if world_size > 1 and not isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
+            raise RuntimeError(
+                f"{world_size} processes without DeepSpeed, but accelerate did not wrap the model in DDP "
+                f"(distributed type {accelerator.distributed_type}): the replicas would diverge"
+            )
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def backward(self, loss: torch.Tensor, *, last_micro_step: bool) -> None:
+        # accelerator.backward divides by gradient_accumulation_steps; no_sync skips DDP's all-reduce until the
+        # last micro-step of the window.
+        ctx = contextlib.nullcontext() if last_micro_step else self.accelerator.no_sync(self.model)
+        with ctx:
+            self.accelerator.backward(loss)
+
+    def step(self, *, force_skip: bool) -> StepResult:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        else:
+            norm = torch.zeros((), device=self.accelerator.device)
+        finite = bool(torch.isfinite(norm))
+        # DDP made the gradients equal on every rank; agree anyway so no rank can step alone.
+        (bad,) = all_reduce([0.0 if finite and not force_skip else 1.0], "max", self.accelerator.device)
+        applied = bad == 0.0
+        if applied:
+            if self.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+            self.prepared_optimizer.step()
+        self.prepared_optimizer.zero_grad(set_to_none=True)
+        return StepResult(applied, float(norm))
+
+    def save(self, ckpt: Path, *, is_main: bool) -> None:
+        if is_main:  # every rank holds the same state
+            ckpt_io.save_optimizer_state(ckpt, self.optimizer)
+
+    def load(self, ckpt: Path) -> None:
+        state, _, _ = load_adapters(adapter_dir(ckpt))
+        load_lora_state_dict(self.module, state, source=str(adapter_dir(ckpt)))
+        ckpt_io.load_optimizer_state(ckpt, self.optimizer)
+
+
+class DeepSpeedBackend(Backend):
+    """DeepSpeed engine: it scales by the accumulation steps, reduces and clips; a non-finite gradient on any
+    rank makes it skip the step on every rank (its overflow check all-reduces)."""
+
+    def __init__(self, accelerator, model, optimizer, max_grad_norm: float, *, bf16: bool):
+        super().__init__(accelerator, model, optimizer, max_grad_norm)
+        self.engine = self.model
+        self.zero_stage = int(self.engine.zero_optimization_stage())
+        self.bf16 = bf16
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        # DeepSpeed bf16 casts the module itself, so the inputs follow the weights' dtype.
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+    def backward(self, loss: torch.Tensor, *, last_micro_step: bool) -> None:
+        assert self.engine.is_gradient_accumulation_boundary() == last_micro_step, (
+            "micro-step count out of sync"
+        )
+        self.engine.backward(loss)
+        if not last_micro_step:
+            self.engine.step()  # only advances DeepSpeed's micro-step counter inside a window
+
+    def step(self, *, force_skip: bool) -> StepResult:
+        assert self.engine.is_gradient_accumulation_boundary()
+        if force_skip:
+            # A non-finite loss poisons this rank's gradients; DeepSpeed then skips on all ranks by itself.
+            # force_skip with finite gradients everywhere (an impossible case today) is still honoured: the
+            # masked optimizer sees no active group.
+            for group in self.optimizer.param_groups:
+                group["active"] = False
+        self.engine.step()
+        applied = bool(self.engine.was_step_applied()) and not force_skip
+        norm = self.engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else math.nan
+        clear_zero3_stale_grads(self.engine)
+        return StepResult(applied, norm)
+
+    # deepspeed is imported where used: importing it costs seconds, which every `--help` would pay.
+    def gathered(self, params: list[nn.Parameter]):
+        if self.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+    def full_fp32(self, p: nn.Parameter) -> torch.Tensor:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(p).detach().float().cpu()
+
+    def local_data(self, p: nn.Parameter) -> torch.Tensor:
+        data = getattr(p, "ds_tensor", None)
+        return p.data if data is None else data
+
+    def save(self, ckpt: Path, *, is_main: bool) -> None:
+        self.engine.save_checkpoint(
+            str(ckpt / DEEPSPEED_DIR), tag="state", exclude_frozen_parameters=True, save_latest=False
+        )
+
+    def load(self, ckpt: Path) -> None:
+        path, _ = self.engine.load_checkpoint(
+            str(ckpt / DEEPSPEED_DIR),
+            tag="state",
+            load_module_strict=False,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
+        if path is None:
+            raise ckpt_io.ResumeError(f"{ckpt / DEEPSPEED_DIR}: DeepSpeed found no checkpoint to load")
+
+
+def build_backend(
+    accelerator,
+    model: nn.Module,
+    optimizer,
+    *,
+    ds_config: dict | None,
+    mixed_precision: str,
+    max_grad_norm: float,
+) -> Backend:
+    """The one place that picks the backend: DeepSpeed when a DeepSpeed config was resolved, else plain."""
+    if ds_config is not None:
+        return DeepSpeedBackend(accelerator, model, optimizer, max_grad_norm, bf16=mixed_precision == "bf16")
+    return PlainBackend(accelerator, model, optimizer, max_grad_norm)

@@ -1,0 +1,256 @@
+"""The Checkpointer: everything a run saves and restores, as typed, versioned state, in the layout of
+`mova_train.run_layout`. It owns the run directory's checkpoints, the fingerprint that decides whether a
+checkpoint may be resumed, and the frozen-base check; the backend writes and reads its own part.
+
+What one checkpoint holds: the adapters (consolidated, written by rank 0), the backend's part (optimizer state;
+the DeepSpeed engine's files under DeepSpeed), each rank's RNG streams and data position, and `TrainerState`
+(counters, fingerprint, base identity, LoRA config, layout) written last, which marks the checkpoint complete.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from mova_train import run_layout as layout
+from mova_train.checkpoint_io import write_json_atomic
+from mova_train.config import TrainConfig, config_to_dict, resolve_path
+from mova_train.data.loader import resolve_shards
+from mova_train.lora import (
+    META_BASE_IDENTITY,
+    META_STEP,
+    META_TRAINING_CONFIG,
+    as_lora_config,
+    base_identity,
+    lora_config_to_dict,
+    save_adapters,
+)
+from mova_train.training import checkpoint as ckpt_io
+from mova_train.training.backend import Backend
+from mova_train.training.distributed import all_reduce, barrier, broadcast_object
+
+logger = logging.getLogger("mova_train.training")
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient, or the adapters went non-finite."""
+
+
+@dataclass
+class Counters:
+    """Progress of a run."""
+
+    step: int = 0  # optimizer steps done, skipped ones included (the LR schedule and data follow it)
+    applied_steps: int = 0
+    consecutive_skips: int = 0
+    samples: int = 0  # samples consumed over all ranks
+
+    def advance(self, *, applied: bool, samples: int) -> None:
+        """One optimizer step done (applied, or skipped on every rank)."""
+        self.step += 1
+        self.samples += samples
+        self.applied_steps += int(applied)
+        self.consecutive_skips = 0 if applied else self.consecutive_skips + 1
+
+
+@dataclass
+class TrainerState:
+    """`trainer_state.json`, version `checkpoint.STATE_VERSION`; written last, so its presence marks completion."""
+
+    step: int
+    counters: Counters
+    fingerprint: dict[str, Any]
+    base_identity: str
+    lora: dict[str, Any]
+    world_size: int
+    zero_stage: int
+    targets: dict[str, list[str]] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def read(cls, ckpt: Path) -> TrainerState:
+        raw = ckpt_io.read_trainer_state(ckpt)  # checks the version
+        try:
+            fields = {k: raw[k] for k in cls.__dataclass_fields__}
+            fields["counters"] = Counters(**raw["counters"])
+        except (KeyError, TypeError) as e:
+            raise ckpt_io.ResumeError(f"{ckpt / layout.STATE_FILE}: missing or malformed field {e}") from None
+        return cls(**fields)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class Checkpointer:
+    """Saves and restores a run's state; every method is collective (all ranks call it) unless it says not."""
+
+    def __init__(self, cfg: TrainConfig, *, rank: int, world_size: int, is_main: bool, device: torch.device):
+        self.cfg = cfg
+        self.rank, self.world_size, self.is_main, self.device = rank, world_size, is_main, device
+        self.run_dir = resolve_path(cfg.trainer.run_dir, field_name="trainer.run_dir", must_exist=False)
+        self.resume_from: Path | None = None
+        self.saved: TrainerState | None = None
+        self.last: Path | None = None  # the newest complete checkpoint of this run
+        self.base_hash_start: str | None = None
+
+    def prepare_run_dir(self) -> None:
+        """One run dir for all ranks; leftovers of an interrupted save are removed."""
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt_io.remove_stale_tmp(self.run_dir)
+        barrier()
+
+    def fingerprint(self, *, components: tuple[str, ...], zero_stage: int, mixed_precision: str) -> dict:
+        """What a checkpoint must share with this run to be resumed (differences are named on refusal)."""
+        cfg = self.cfg
+        if self.is_main:
+            # Always over all four diffusion components, whatever this run loads: export --format merged and the
+            # sampler check adapters against the identity of the whole base.
+            ident = base_identity(resolve_path(cfg.model.checkpoint, field_name="model.checkpoint"))
+            shards = resolve_shards(cfg.data.shards).fingerprint()
+        else:
+            ident = shards = None
+        self.base_identity, shards = broadcast_object((ident, shards))
+        self.fingerprint_now = flatten(
+            {
+                "world_size": self.world_size,
+                "zero_stage": zero_stage,
+                "mixed_precision": mixed_precision,
+                "model_dtype": cfg.model.dtype,
+                "components": list(components),
+                "base_identity": self.base_identity,
+                "lora": lora_config_to_dict(as_lora_config(cfg.lora)),
+                "data_shards": shards,
+                "batch_size": cfg.data.batch_size,
+                "num_workers": cfg.data.num_workers,
+                "gradient_accumulation_steps": cfg.trainer.gradient_accumulation_steps,
+                "seed": cfg.trainer.seed,
+            }
+        )
+        return self.fingerprint_now
+
+    def find_resume(self) -> TrainerState | None:
+        """The checkpoint to resume from per `trainer.resume`, refused if its fingerprint differs from this run's."""
+        resume = self.cfg.trainer.resume
+        self.resume_from = ckpt_io.resolve_resume(resume, self.run_dir)
+        existing = layout.list_checkpoints(self.run_dir)
+        if resume == "never" and existing:
+            logger.warning(
+                "trainer.resume=never in a run dir with checkpoints up to step %d: this new run replaces them "
+                "as it reaches their steps (use another trainer.run_dir to keep them)", existing[-1][0],
+            )  # fmt: skip
+        if self.resume_from is None:
+            logger.info(
+                "starting a new run (no complete checkpoint in %s)", layout.checkpoints_dir(self.run_dir)
+            )
+            return None
+        self.saved = TrainerState.read(self.resume_from)
+        ckpt_io.check_fingerprint(self.saved.fingerprint, self.fingerprint_now, where=str(self.resume_from))
+        logger.info("resuming from %s (step %d)", self.resume_from, self.saved.step)
+        return self.saved
+
+    def restore(self, backend: Backend, generator: torch.Generator, loader) -> Counters:
+        """Load the resume checkpoint into the backend, this rank's RNG streams and the loader; its counters."""
+        assert self.resume_from is not None and self.saved is not None
+        backend.load(self.resume_from)
+        loader.load_state_dict(ckpt_io.load_rank_state(self.resume_from, self.rank, generator))
+        self.last = self.resume_from
+        barrier()
+        return Counters(**asdict(self.saved.counters))
+
+    def save(
+        self,
+        *,
+        counters: Counters,
+        backend: Backend,
+        generator: torch.Generator,
+        loader_state: dict,
+        config_dict: dict,
+        targets: dict[str, list[str]],
+    ) -> Path:
+        """Written aside, renamed when complete; never with non-finite or rank-divergent trainable values."""
+        step = counters.step
+        state = backend.trainable_state()
+        finite = all(bool(torch.isfinite(v).all()) for v in state.values())
+        (bad,) = all_reduce([0.0 if finite else 1.0], "max", self.device)
+        if bad:
+            raise NonFiniteTrainingError(
+                f"the adapter weights hold non-finite values at step {step}; no checkpoint was written "
+                f"(last good one: {self.last})"
+            )
+        # Every rank must hold the same adapter; a difference means the replicas stopped synchronising.
+        checksum = sum(float(v.double().abs().sum()) for v in state.values())
+        high, neg_low = all_reduce([checksum, -checksum], "max", self.device)
+        if high != -neg_low:
+            raise RuntimeError(f"the ranks' adapters differ at step {step} (checksums {-neg_low} .. {high})")
+        tmp = ckpt_io.begin_checkpoint(self.run_dir, step) if self.is_main else None
+        tmp = Path(broadcast_object(str(tmp) if tmp else None))
+        barrier()
+        backend.save(tmp, is_main=self.is_main)
+        ckpt_io.save_rank_state(tmp, self.rank, generator, loader_state)
+        if self.is_main:
+            save_adapters(
+                layout.adapter_dir(tmp),
+                None,
+                self.cfg.lora,
+                state_dict=state,
+                metadata={
+                    META_STEP: str(step),
+                    META_BASE_IDENTITY: self.base_identity,
+                    META_TRAINING_CONFIG: OmegaConf.to_yaml(OmegaConf.create(config_dict)),
+                },
+            )
+        barrier()
+        if self.is_main:
+            trainer_state = TrainerState(
+                step=step,
+                counters=counters,
+                fingerprint=self.fingerprint_now,
+                base_identity=self.base_identity,
+                lora=config_to_dict(self.cfg)["lora"],
+                world_size=self.world_size,
+                zero_stage=backend.zero_stage,
+                targets=targets,
+            )
+            ckpt_io.write_trainer_state(tmp, trainer_state.to_json())
+            final = ckpt_io.commit_checkpoint(tmp, self.cfg.trainer.keep_last)
+            logger.info("saved checkpoint %s", final)
+        self.last = layout.final_dir(tmp)
+        barrier()
+        return self.last
+
+    # ------------------------------------------------------------------------------------- frozen base
+    def record_base(self, backend: Backend) -> None:
+        self.base_hash_start = backend.frozen_base_sha256()
+
+    def verify_base(self, backend: Backend) -> None:
+        """The frozen base weights are bit-identical to those at the start (`base_weights.json` says so)."""
+        end = backend.frozen_base_sha256()
+        (changed,) = all_reduce([float(end != self.base_hash_start)], "max", self.device)
+        if self.is_main:
+            write_json_atomic(
+                self.run_dir / "base_weights.json",
+                {
+                    "sha256_start_rank0": self.base_hash_start,
+                    "sha256_end_rank0": end,
+                    "unchanged": not changed,
+                },
+            )
+        if changed:
+            raise RuntimeError("the frozen base weights changed during training (see base_weights.json)")
+        logger.info("frozen base weights verified bit-identical (sha256 %s… on rank 0)", end[:16])
