@@ -136,6 +136,12 @@ class TrainerConfig:
     max_consecutive_skips: int = 10  # abort after this many non-finite steps in a row
     verify_frozen_base: bool = False  # hash the frozen base weights at start and end and refuse a change
     num_threads: int | None = None  # torch CPU threads per process (None: torch's default)
+    lock_stale_after_s: float = (
+        120.0  # a run-dir lock whose heartbeat is older is taken over (another host's)
+    )
+    collective_timeout_min: float = (
+        30.0  # a peer that does not answer a collective for this long ends the run
+    )
 
 
 @dataclass
@@ -357,6 +363,8 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
     if t.resume not in ("auto", "never"):
         resolve_path(t.resume, field_name="trainer.resume")
     _check_int("trainer.max_consecutive_skips", t.max_consecutive_skips, 1)
+    _check_float("trainer.lock_stale_after_s", t.lock_stale_after_s, 0.0, open_low=True)
+    _check_float("trainer.collective_timeout_min", t.collective_timeout_min, 0.0, open_low=True)
     if not isinstance(t.run_dir, str) or not t.run_dir:
         _fail("trainer.run_dir", t.run_dir, "expected a folder path")
     if t.num_threads is not None:

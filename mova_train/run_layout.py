@@ -2,11 +2,13 @@
 sampler and `doctor` read it through these functions instead of re-deriving paths.
 
     <run_dir>/
+      .lock                         the running job's lock (host, pid, heartbeat)
       config.yaml                   the resolved config (tracking.write_run_files, with the two below)
       code_version.json, run_info.json  the code's version; the run's layout (world size, ZeRO stage, ...)
       wandb_run_id.txt              the W&B run id, so a resume continues the same W&B run
       metrics.jsonl                 one row per optimizer step
       logs/rank{N}.log              per-rank log
+      logs/rank{N}.alive            touched every few seconds while rank N runs (names a stalled peer)
       eval/                         renders and eval.jsonl
       checkpoints/step-XXXXXXXX/    complete checkpoints (written as .tmp-step-XXXXXXXX, renamed when complete)
         trainer_state.json          written last: its presence marks the checkpoint complete
@@ -25,6 +27,7 @@ import re
 from pathlib import Path
 
 CHECKPOINTS_DIR = "checkpoints"
+LOCK_FILE = ".lock"  # held by the running job (mova_train.training.run_lock)
 STATE_FILE = "trainer_state.json"
 ADAPTER_DIR = "adapter"
 DEEPSPEED_DIR = "deepspeed"
@@ -100,3 +103,12 @@ def adapter_dir(checkpoint: Path) -> Path:
 
 def rank_dir(checkpoint: Path, rank: int) -> Path:
     return checkpoint / f"rank{rank}"
+
+
+def replaced_checkpoints_dir(run_dir: str | os.PathLike, stamp: str) -> Path:
+    """Where `trainer.resume=never` moves the checkpoints of an earlier run in the same run dir."""
+    return Path(run_dir) / f"{CHECKPOINTS_DIR}.replaced-{stamp}"
+
+
+def heartbeat_file(run_dir: str | os.PathLike, rank: int) -> Path:
+    return Path(run_dir) / LOGS_DIR / f"rank{rank}.alive"

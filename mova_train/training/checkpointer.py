@@ -10,6 +10,8 @@ the DeepSpeed engine's files under DeepSpeed), each rank's RNG streams and data 
 from __future__ import annotations
 
 import logging
+import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from mova_train.lora import (
 from mova_train.training import checkpoint as ckpt_io
 from mova_train.training.backend import Backend
 from mova_train.training.distributed import all_reduce, barrier, broadcast_object
+from mova_train.training.run_lock import RunDirLockedError, RunLock
 
 logger = logging.getLogger("mova_train.training")
 
@@ -107,13 +110,30 @@ class Checkpointer:
         self.saved: TrainerState | None = None
         self.last: Path | None = None  # the newest complete checkpoint of this run
         self.base_hash_start: str | None = None
+        self.lock: RunLock | None = None
 
     def prepare_run_dir(self) -> None:
-        """One run dir for all ranks; leftovers of an interrupted save are removed."""
+        """One run dir for all ranks, locked by this job; only then are leftovers of an interrupted save removed.
+        A run dir held by another live job ends every rank with RunDirLockedError naming the holder."""
+        refused = None
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt_io.remove_stale_tmp(self.run_dir)
+            self.lock = RunLock(self.run_dir, stale_after=self.cfg.trainer.lock_stale_after_s)
+            try:
+                self.lock.acquire()
+            except RunDirLockedError as e:
+                self.lock, refused = None, str(e)
+            else:
+                ckpt_io.remove_stale_tmp(self.run_dir)
+        refused = broadcast_object(refused)
+        if refused:
+            raise RunDirLockedError(refused)
         barrier()
+
+    def release(self) -> None:
+        """Give the run dir back (main process; a no-op elsewhere)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def fingerprint(self, *, components: tuple[str, ...], zero_stage: int, mixed_precision: str) -> dict:
         """What a checkpoint must share with this run to be resumed (differences are named on refusal)."""
@@ -148,12 +168,8 @@ class Checkpointer:
         """The checkpoint to resume from per `trainer.resume`, refused if its fingerprint differs from this run's."""
         resume = self.cfg.trainer.resume
         self.resume_from = ckpt_io.resolve_resume(resume, self.run_dir)
-        existing = layout.list_checkpoints(self.run_dir)
-        if resume == "never" and existing:
-            logger.warning(
-                "trainer.resume=never in a run dir with checkpoints up to step %d: this new run replaces them "
-                "as it reaches their steps (use another trainer.run_dir to keep them)", existing[-1][0],
-            )  # fmt: skip
+        if resume == "never":
+            self.move_aside_old_checkpoints()
         if self.resume_from is None:
             logger.info(
                 "starting a new run (no complete checkpoint in %s)", layout.checkpoints_dir(self.run_dir)
@@ -163,6 +179,22 @@ class Checkpointer:
         ckpt_io.check_fingerprint(self.saved.fingerprint, self.fingerprint_now, where=str(self.resume_from))
         logger.info("resuming from %s (step %d)", self.resume_from, self.saved.step)
         return self.saved
+
+    def move_aside_old_checkpoints(self) -> None:
+        """`resume=never` in a run dir with checkpoints: they move to checkpoints.replaced-<time>/, untouched, so
+        the new run neither resumes from them nor prunes them (nor its own in their place)."""
+        moved = None
+        old = layout.checkpoints_dir(self.run_dir)
+        if self.is_main and old.is_dir() and any(old.iterdir()):
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+            moved = layout.replaced_checkpoints_dir(self.run_dir, stamp)
+            os.replace(old, moved)
+            moved = str(moved)
+        moved = broadcast_object(moved)
+        if moved:
+            logger.warning(
+                "trainer.resume=never: the earlier checkpoints of this run dir were moved to %s", moved
+            )
 
     def restore(self, backend: Backend, generator: torch.Generator, loader) -> Counters:
         """Load the resume checkpoint into the backend, this rank's RNG streams and the loader; its counters."""

@@ -6,17 +6,23 @@ Nothing here knows about MOVA.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import datetime
 import json
 import logging
 import math
 import os
+import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from mova_train.config import ConfigValueError, TrainConfig, resolve_path
+from mova_train.run_layout import heartbeat_file
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +126,25 @@ def build_deepspeed_config(cfg: TrainConfig, mixed_precision: str) -> dict | Non
     return ds
 
 
+def resolve_runtime(cfg: TrainConfig) -> tuple[str, dict | None]:
+    """(mixed precision, DeepSpeed config or None) of a run, checked against the rest of the config; all before
+    any process group starts."""
+    mixed_precision = resolve_mixed_precision(cfg)
+    ds_config = build_deepspeed_config(cfg, mixed_precision)
+    zero_stage = int(ds_config["zero_optimization"]["stage"]) if ds_config else 0
+    if cfg.model.dtype != "float32" and mixed_precision == "no":
+        raise ConfigValueError(
+            f"model.dtype={cfg.model.dtype!r} with trainer.mixed_precision resolved to 'no': the fp32 adapters "
+            "and the low-precision base need bf16 autocast (trainer.mixed_precision=bf16), or use model.dtype=float32"
+        )
+    if cfg.eval.every > 0 and zero_stage == 3:
+        raise ConfigValueError(
+            "eval.every > 0 with DeepSpeed ZeRO-3 is not supported (renders would need every rank); "
+            "use ZeRO-2 or render checkpoints with `python -m mova_train.sample`"
+        )
+    return mixed_precision, ds_config
+
+
 def build_accelerator(cfg: TrainConfig, mixed_precision: str, ds_config: dict | None):
     """The Accelerator (gloo on CPU, NCCL on GPU), with DeepSpeed when `ds_config` is given."""
     from accelerate import Accelerator, DeepSpeedPlugin
@@ -141,7 +166,12 @@ def build_accelerator(cfg: TrainConfig, mixed_precision: str, ds_config: dict | 
         )
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if launched or ds_config is not None:
-        handlers.append(InitProcessGroupKwargs(backend="nccl" if torch.cuda.is_available() else "gloo"))
+        handlers.append(
+            InitProcessGroupKwargs(
+                backend="nccl" if torch.cuda.is_available() else "gloo",
+                timeout=datetime.timedelta(minutes=cfg.trainer.collective_timeout_min),
+            )
+        )
     plugin = None
     if ds_config is not None:
         # `ds_config` already combines the Hydra JSON with the launcher's flags (build_deepspeed_config), so
@@ -205,3 +235,66 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A peer that stops answering
+
+
+class CollectiveTimeoutError(RuntimeError):
+    """A collective did not complete within trainer.collective_timeout_min: a peer stalled or died."""
+
+
+class PeerHeartbeat:
+    """Each rank touches its own file (run_layout.heartbeat_file) from a thread every `interval` seconds, so when
+    a collective times out the ranks whose file went quiet (stopped, hung in the kernel, dead) can be named."""
+
+    def __init__(self, run_dir: Path, rank: int, world_size: int, interval: float = 2.0):
+        self.files = [heartbeat_file(run_dir, r) for r in range(world_size)]
+        self.path, self.interval = self.files[rank], float(interval)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.touch()
+        self._thread = threading.Thread(target=self._beat, name="mova-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            with contextlib.suppress(OSError):
+                self.path.touch()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def quiet_ranks(self) -> list[tuple[int, float]]:
+        """(rank, seconds since its last beat) of every rank quiet for more than three intervals."""
+        now, quiet = time.time(), []
+        for rank, path in enumerate(self.files):
+            try:
+                age = now - path.stat().st_mtime
+            except FileNotFoundError:
+                age = math.inf
+            if age > 3 * self.interval:
+                quiet.append((rank, age))
+        return quiet
+
+    def explain(self, exc: BaseException, timeout_min: float) -> CollectiveTimeoutError | None:
+        """A clear error for a collective that timed out or lost its peer, naming the quiet ranks; else None."""
+        text = str(exc)
+        if not any(
+            k in text for k in ("Timed out", "timed out", "Connection closed by peer", "Connection reset")
+        ):
+            return None
+        quiet = self.quiet_ranks()
+        who = (
+            ", ".join(f"rank {r} (silent for {a:.0f} s)" if math.isfinite(a) else f"rank {r} (never started)"
+                      for r, a in quiet)
+            or "no rank's heartbeat stopped (a network problem between nodes?)"
+        )  # fmt: skip
+        return CollectiveTimeoutError(
+            f"a collective got no answer within trainer.collective_timeout_min={timeout_min:g} min; stopped "
+            f"answering: {who}. Underlying error: {text.splitlines()[0] if text else type(exc).__name__}"
+        )

@@ -25,7 +25,6 @@ from mova_train.codecs import codec_identity
 from mova_train.config import (
     COMPONENTS,
     EXPERTS,
-    ConfigValueError,
     TrainConfig,
     config_to_dict,
     required_components,
@@ -40,13 +39,13 @@ from mova_train.models.checkpoint import load_mova
 from mova_train.training.backend import build_backend
 from mova_train.training.checkpointer import Checkpointer, Counters, NonFiniteTrainingError
 from mova_train.training.distributed import (
+    PeerHeartbeat,
     all_gather_floats,
     all_reduce,
     barrier,
     broadcast_object,
     build_accelerator,
-    build_deepspeed_config,
-    resolve_mixed_precision,
+    resolve_runtime,
 )
 from mova_train.training.evaluator import Evaluator
 from mova_train.training.objective import FlowMatchingObjective, batch_video_fps, tokens_per_sample
@@ -98,20 +97,8 @@ class Trainer:
         self.start_tracking()  # run files, metrics.jsonl, W&B, progress bar
 
     def resolve_runtime_settings(self) -> None:
-        cfg = self.cfg
-        self.mixed_precision = resolve_mixed_precision(cfg)
-        self.ds_config = build_deepspeed_config(cfg, self.mixed_precision)
+        self.mixed_precision, self.ds_config = resolve_runtime(self.cfg)
         self.zero_stage = int(self.ds_config["zero_optimization"]["stage"]) if self.ds_config else 0
-        if cfg.model.dtype != "float32" and self.mixed_precision == "no":
-            raise ConfigValueError(
-                f"model.dtype={cfg.model.dtype!r} with trainer.mixed_precision resolved to 'no': the fp32 adapters "
-                "and the low-precision base need bf16 autocast (trainer.mixed_precision=bf16), or use model.dtype=float32"
-            )
-        if cfg.eval.every > 0 and self.zero_stage == 3:
-            raise ConfigValueError(
-                "eval.every > 0 with DeepSpeed ZeRO-3 is not supported (renders would need every rank); "
-                "use ZeRO-2 or render checkpoints with `python -m mova_train.sample`"
-            )
 
     def start_processes(self) -> None:
         if self.cfg.trainer.num_threads:
@@ -127,6 +114,8 @@ class Trainer:
         self.run_dir = self.checkpointer.run_dir
         self.checkpointer.prepare_run_dir()
         setup_logging(self.run_dir, self.rank)
+        self.heartbeat = PeerHeartbeat(self.run_dir, self.rank, self.world_size)
+        self.heartbeat.start()
         logger.info(
             "rank %d/%d pid %d on %s; DeepSpeed ZeRO stage %s; mixed precision %s; run dir %s",
             self.rank, self.world_size, os.getpid(), self.device, self.zero_stage or "off", self.mixed_precision,
@@ -266,6 +255,8 @@ class Trainer:
                 )
             if t.verify_frozen_base:
                 self.checkpointer.verify_base(self.backend)
+        except RuntimeError as e:
+            raise (self.heartbeat.explain(e, t.collective_timeout_min) or e) from e
         finally:
             self.finish()
         return RunResult(self.counters.step, stopped, self.run_dir, self.checkpointer.last)
@@ -303,6 +294,7 @@ class Trainer:
             local["tokens"] += len(batch) * tokens_per_sample(batch, self.model_config.video_dit.patch_size)
             timesteps += inputs.timestep_video.tolist()
             timesteps_audio += inputs.timestep_audio.tolist()
+        local["rejected"] = float(self.loader.stats.get("rejected_total", 0))
         stop_flag, any_nonfinite = all_reduce(
             [float(self.stop.signal is not None), float(nonfinite)], "max", self.device
         )
@@ -328,7 +320,7 @@ class Trainer:
             "mem_gb": peak_memory_gb(self.device),
             "skipped": not result.applied,
             "samples_seen": c.samples,
-            "rejected_samples": int(self.loader.stats.get("rejected_total", 0)),
+            "rejected_samples": int(sums[5]),  # over all ranks, since the run (or its resume) started
             "_stop": stop_flag > 0,
         }
         if cfg.objective.independent_audio_timestep:
@@ -376,6 +368,7 @@ class Trainer:
 
     def finish(self) -> None:
         self.stop.restore()
+        self.heartbeat.stop()
         if self.loader is not None:
             logger.info("data on rank %d: %s", self.rank, self.loader.stats)
         if self.is_main:
@@ -385,15 +378,23 @@ class Trainer:
                         (obj.finish if hasattr(obj, "finish") else obj.close)()
                     except Exception as e:  # tracking must never hide the training outcome
                         logger.warning("closing %s failed: %s", type(obj).__name__, e)
+        self.checkpointer.release()
 
 
 def run(cfg: Any) -> RunResult:
-    """Validate (before any process group), set up and train. `cfg`: a composed Hydra config or a TrainConfig."""
+    """Validate (before any process group), set up and train. `cfg`: a composed Hydra config or a TrainConfig.
+    A fatal error is also written to this rank's log (logs/rank{N}.log), not only to the launcher's stderr."""
     cfg = validate_config(to_train_config(cfg))
     trainer = Trainer(cfg)
     try:
         trainer.setup()
-    except BaseException:
-        trainer.stop.restore()
+        return trainer.train()
+    except BaseException as e:
+        logger.critical(
+            "training stopped by %s: %s", type(e).__name__, e, exc_info=not isinstance(e, ValueError)
+        )
         raise
-    return trainer.train()
+    finally:
+        trainer.stop.restore()
+        if getattr(trainer, "checkpointer", None) is not None:
+            trainer.checkpointer.release()
