@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) -m mova_train.demo --out $(DEMO_OUT)
+	$(PY) -m mova_train.cli.demo --out $(DEMO_OUT)
 
 test: setup
 	$(PY) -m ruff check .

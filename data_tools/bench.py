@@ -44,7 +44,7 @@ def bench(
             _, t = _timed(lambda: synthesize(input_dir, num_clips=clips, seconds=seconds, seed=0))
             figures["synth_s"] = t
         if checkpoint is None:
-            from mova_train.make_tiny import write_tiny_checkpoint
+            from mova_train.models.tiny import write_tiny_checkpoint
 
             checkpoint = str(write_tiny_checkpoint(tmp / "ckpt", seed=0))
         sources, figures["scan_s"] = _timed(lambda: scan(input_dir))

@@ -1,4 +1,4 @@
-"""Command-line tools of the model area: make_tiny, inspect, and the bench dispatcher (run once, tiny, no timings)."""
+"""Command-line tools of the model area: cli.make_tiny, cli.inspect, and the bench dispatcher (run once, tiny, no timings)."""
 
 import json
 import math
@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from mova_train import bench, inspect, make_tiny
+from mova_train import bench
+from mova_train.cli import inspect, make_tiny
 from mova_train.models import COMPONENTS, build_mova
 
 
@@ -23,7 +24,10 @@ def test_make_tiny_refuses_a_non_empty_folder(tmp_path, capsys):
 
 def test_make_tiny_help_runs_as_a_module():
     out = subprocess.run(
-        [sys.executable, "-m", "mova_train.make_tiny", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "mova_train.cli.make_tiny", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert "--seed" in out and "OUT_DIR" in out.upper()
 

@@ -1,4 +1,4 @@
-"""`python -m mova_train.sample` on the tiny checkpoint: mp4 frames/size/audio length, identical files for one
+"""`python -m mova_train.cli.sample` on the tiny checkpoint: mp4 frames/size/audio length, identical files for one
 seed, the contact sheet, and clear one-line errors for bad input."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mova_train.cli.sample import main
 from mova_train.media import read_mp4
-from mova_train.sample import main
 
 FRAMES, HEIGHT, WIDTH = 17, 32, 64
 

@@ -2,7 +2,7 @@
 
 `write_tiny_codecs(out_dir, seed)` writes video_vae/, audio_vae/, text_encoder/ (3 shards + index) and tokenizer/
 with the release's file names. The same seed writes byte-identical weight files. Run standalone with
-`python -m mova_train.codecs.tiny --out DIR`; `python -m mova_train.make_tiny` calls it for whole checkpoints.
+`python -m mova_train.codecs.tiny --out DIR`; `python -m mova_train.cli.make_tiny` calls it for whole checkpoints.
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mova_train.codecs.tiny",
         description="Write tiny random MOVA codecs (video_vae, audio_vae, text_encoder, tokenizer) in the released "
-        "folder layout. For a whole tiny checkpoint use `python -m mova_train.make_tiny`.",
+        "folder layout. For a whole tiny checkpoint use `python -m mova_train.cli.make_tiny`.",
     )
     parser.add_argument("--out", required=True, type=Path, help="folder to write into (created if missing)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")

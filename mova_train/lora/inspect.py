@@ -1,6 +1,6 @@
 """What a LoRA config targets: modules and trainable parameter counts per component (meta device friendly).
 
-Used by `python -m mova_train.inspect --config mova_360p --lora NAME`, where NAME is a preset (`self_attn`),
+Used by `python -m mova_train.cli.inspect --config mova_360p --lora NAME`, where NAME is a preset (`self_attn`),
 several presets (`self_attn,ffn`), a bundle under configs/lora/ (`voice`) or an experiment (`voice_lora`).
 """
 

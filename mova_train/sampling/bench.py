@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint
         if checkpoint is None:
-            from mova_train.make_tiny import write_tiny_checkpoint
+            from mova_train.models.tiny import write_tiny_checkpoint
 
             checkpoint = str(write_tiny_checkpoint(Path(tmp) / "tiny"))
         common = ["--checkpoint", checkpoint, "--frames", str(args.frames), "--size", args.size]

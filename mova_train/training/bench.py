@@ -57,7 +57,7 @@ def run_cpu_bench(args: argparse.Namespace) -> None:
     from hydra import compose, initialize_config_dir
 
     from mova_train.config import register_configs
-    from mova_train.make_tiny import write_tiny_checkpoint
+    from mova_train.models.tiny import write_tiny_checkpoint
     from mova_train.training.synthetic import write_random_shards_for
     from mova_train.training.trainer import Trainer, to_train_config, validate_config
 
