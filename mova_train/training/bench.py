@@ -18,8 +18,6 @@ from pathlib import Path
 
 import torch
 
-from mova_train.config import PROJECT_ROOT
-
 
 def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps (default 8)")
@@ -54,9 +52,7 @@ def _summary(
 
 def run_cpu_bench(args: argparse.Namespace) -> None:
     """The full trainer, one process on CPU, tiny checkpoint, 17 frames at 64x96."""
-    from hydra import compose, initialize_config_dir
-
-    from mova_train.config import register_configs
+    from mova_train.config import compose_config
     from mova_train.models.tiny import write_tiny_checkpoint
     from mova_train.training.synthetic import write_random_shards_for
     from mova_train.training.trainer import Trainer, to_train_config, validate_config
@@ -69,23 +65,20 @@ def run_cpu_bench(args: argparse.Namespace) -> None:
         shards = write_random_shards_for(
             ckpt, root / "shards", num_clips=4, num_shards=2, num_frames=17, height=64, width=96
         )
-        register_configs()
         total = args.warmup + args.steps
-        with initialize_config_dir(config_dir=str(PROJECT_ROOT / "configs"), version_base=None):
-            cfg = compose(
-                config_name="train",
-                overrides=[
-                    "+experiment=tiny_demo",
-                    f"model.checkpoint={ckpt}",
-                    f"data.shards={shards}",
-                    f"trainer.run_dir={root / 'run'}",
-                    f"trainer.max_steps={total}",
-                    f"trainer.save_every={total + 1}",
-                    "trainer.num_threads=null",
-                    "tracking.mode=disabled",
-                    "tracking.progress_bar=false",
-                ],
-            )
+        cfg = compose_config(
+            [
+                "+experiment=tiny_demo",
+                f"model.checkpoint={ckpt}",
+                f"data.shards={shards}",
+                f"trainer.run_dir={root / 'run'}",
+                f"trainer.max_steps={total}",
+                f"trainer.save_every={total + 1}",
+                "trainer.num_threads=null",
+                "tracking.mode=disabled",
+                "tracking.progress_bar=false",
+            ]
+        )
         trainer = Trainer(validate_config(to_train_config(cfg)))
         trainer.setup()
         rows = []
