@@ -19,6 +19,8 @@ register_configs()
 # the same configs/ folder with the same registered schema, so they compose the same config.
 @hydra.main(config_path="configs", config_name="train", version_base=None)
 def main(cfg) -> None:
+    # Imported after Hydra has parsed the command line, on purpose: --help and --cfg job answer without loading
+    # the trainer (DeepSpeed, accelerate, wandb).
     from mova_train.training.trainer import run
 
     try:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mova_train.data.loader import DataConfig, check_data_config
+from mova_train.data.loader import DataConfig, check_data_config, resolve_shards
 from mova_train.lora.config import LoraConfig, as_lora_config
 
 EXPERTS = ("video_dit", "video_dit_2")  # same names as mova_train.models.EXPERTS (checked by a test)
@@ -241,8 +241,6 @@ def required_components(cfg: TrainConfig) -> tuple[str, ...]:
 
 def _check_shards(name: str, spec: str) -> None:
     """Manifest and shard files present (headers only; no sample is read)."""
-    from mova_train.data.loader import resolve_shards
-
     try:
         resolve_shards(spec)
     except ValueError as e:
