@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) -m mova_train.demo --out $(DEMO_OUT)
+	$(PY) -m mova_train.cli.demo --out $(DEMO_OUT)
 
 test: setup
 	$(PY) -m ruff check .
@@ -39,8 +39,9 @@ bench: setup
 	$(PY) -m mova_train.bench model
 	$(PY) -m mova_train.bench codecs
 	$(PY) -m data_tools bench
+	$(PY) -m mova_train.bench data --synthetic 8
 	$(PY) -m mova_train.bench train
-	$(PY) -m mova_train.sampling.bench
+	$(PY) -m mova_train.bench sampling
 
 # Re-resolve the newest versions the project's ranges allow into $(LOCK), in a throw-away venv. Then regenerate the
 # golden-loss file in the same commit (README: "Pinned dependencies"); the tests refuse a lock the golden file was not

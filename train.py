@@ -13,8 +13,14 @@ from mova_train.config import register_configs
 register_configs()
 
 
+# train.py keeps @hydra.main rather than mova_train.config.compose_config (which every other tool and the tests
+# use): it gives the training command Hydra's own command line (key=value / +group=name overrides, --cfg job,
+# --help, --multirun, the status-1 composition errors) that users, the launch scripts and the docs rely on. Both read
+# the same configs/ folder with the same registered schema, so they compose the same config.
 @hydra.main(config_path="configs", config_name="train", version_base=None)
 def main(cfg) -> None:
+    # Imported after Hydra has parsed the command line, on purpose: --help and --cfg job answer without loading
+    # the trainer (DeepSpeed, accelerate, wandb).
     from mova_train.training.trainer import run
 
     try:

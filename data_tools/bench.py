@@ -7,14 +7,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
-
-
-def _timed(fn):
-    start = time.perf_counter()
-    value = fn()
-    return value, time.perf_counter() - start
 
 
 def bench(
@@ -27,6 +20,8 @@ def bench(
     buckets: str = "64x112,112x64,64x64",
     device: str = "cpu",
 ) -> dict[str, float]:
+    # Imported here on purpose: `python -m data_tools` imports every command module to build its --help, and these
+    # load torch and the codecs.
     import torch
 
     from data_tools.align import decode_audio, decode_frames, frame_times, load_clip, resample_mono
@@ -35,19 +30,20 @@ def bench(
     from data_tools.scan import scan
     from data_tools.synth import synthesize
     from data_tools.verify import verify
+    from mova_train.bench.common import timed
+    from mova_train.codecs import load_codecs
+    from mova_train.models.tiny import write_tiny_checkpoint
 
     figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="mova-data-bench-") as tmp:
         tmp = Path(tmp)
         if input_dir is None:
             input_dir = str(tmp / "synth")
-            _, t = _timed(lambda: synthesize(input_dir, num_clips=clips, seconds=seconds, seed=0))
+            _, t = timed(lambda: synthesize(input_dir, num_clips=clips, seconds=seconds, seed=0))
             figures["synth_s"] = t
         if checkpoint is None:
-            from mova_train.make_tiny import write_tiny_checkpoint
-
             checkpoint = str(write_tiny_checkpoint(tmp / "ckpt", seed=0))
-        sources, figures["scan_s"] = _timed(lambda: scan(input_dir))
+        sources, figures["scan_s"] = timed(lambda: scan(input_dir))
         usable = [s for s in sources if s["status"] == "ok"]
 
         num_frames = 0
@@ -61,7 +57,7 @@ def bench(
                 decode_frames(s["path"], np.arange(len(times)), s["height"], s["width"])
                 num_frames += len(times)
 
-        _, t = _timed(decode_all)
+        _, t = timed(decode_all)
         figures["decode_frames_per_s"] = num_frames / t
 
         audio_seconds = 0.0
@@ -73,19 +69,17 @@ def bench(
                 resample_mono(w.samples, w.sample_rate, 48000)
                 audio_seconds += w.samples.shape[1] / w.sample_rate
 
-        _, t = _timed(audio_all)
+        _, t = timed(audio_all)
         figures["audio_seconds_per_s"] = audio_seconds / t
 
-        rows, figures["plan_s"] = _timed(lambda: plan(sources, num_frames=frames, fps=24.0, buckets=buckets))
+        rows, figures["plan_s"] = timed(lambda: plan(sources, num_frames=frames, fps=24.0, buckets=buckets))
         kept = [r for r in rows if r["status"] == "kept"]
 
-        from mova_train.codecs import load_codecs
-
-        codecs, figures["codec_load_s"] = _timed(lambda: load_codecs(checkpoint, device=device))
-        aligned, t_align = _timed(lambda: [load_clip(r) for r in kept])
+        codecs, figures["codec_load_s"] = timed(lambda: load_codecs(checkpoint, device=device))
+        aligned, t_align = timed(lambda: [load_clip(r) for r in kept])
         figures["align_clips_per_min"] = 60 * len(kept) / t_align
         with torch.inference_mode():
-            _, t_codec = _timed(
+            _, t_codec = timed(
                 lambda: [encode_clip(codecs, c, r["caption"], torch.bfloat16) for c, r in zip(aligned, kept)]
             )
         figures["codec_clips_per_min"] = 60 * len(kept) / t_codec
@@ -93,8 +87,8 @@ def bench(
 
         shards = tmp / "shards"
         opts = EncodeOptions(checkpoint=checkpoint, out=str(shards), shard_size_mb=0.25, device=device)
-        _, figures["encode_command_s"] = _timed(lambda: encode(rows, opts, sources=sources))
-        result, t = _timed(lambda: verify(shards))
+        _, figures["encode_command_s"] = timed(lambda: encode(rows, opts, sources=sources))
+        result, t = timed(lambda: verify(shards))
         figures["shard_read_samples_per_s"] = result.num_samples / t
         figures["clips"] = float(len(kept))
         figures["frames_per_clip"] = float(frames)

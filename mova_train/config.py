@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mova_train.data.loader import DataConfig, check_data_config
+from mova_train.data.loader import DataConfig, check_data_config, resolve_shards
 from mova_train.lora.config import LoraConfig, as_lora_config
 
 EXPERTS = ("video_dit", "video_dit_2")  # same names as mova_train.models.EXPERTS (checked by a test)
@@ -168,6 +168,33 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
 
 
+def compose_config(
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    config_dir: str | os.PathLike | None = None,
+    config_name: str = "train",
+    return_hydra_config: bool = False,
+):
+    """The composed Hydra config (an OmegaConf DictConfig) of `configs/<config_name>.yaml` with `overrides`
+    (`+experiment=voice_lora`, `trainer.max_steps=10`, ...), exactly as `train.py` sees it: same folder, same schema.
+
+    The one place that composes the configs outside train.py's own command line (the benchmarks, `inspect --lora`,
+    the tests). A Hydra instance left initialized in this process is cleared first, so it may be called repeatedly.
+    `return_hydra_config` also returns Hydra's own `hydra` node (what train.py's run settings come from).
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    folder = Path(config_dir) if config_dir is not None else PROJECT_ROOT / "configs"
+    with initialize_config_dir(config_dir=str(folder.resolve()), version_base=None):
+        return compose(
+            config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config
+        )
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Validation
 
@@ -220,8 +247,6 @@ def required_components(cfg: TrainConfig) -> tuple[str, ...]:
 
 def _check_shards(name: str, spec: str) -> None:
     """Manifest and shard files present (headers only; no sample is read)."""
-    from mova_train.data.loader import resolve_shards
-
     try:
         resolve_shards(spec)
     except ValueError as e:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mova_train.bench import main as bench_main
-from mova_train.codecs.bench import _random_real_size, _run_suite
+from mova_train.bench.codecs import _random_real_size, _run_suite
 
 
 def test_bench_command_runs(capsys):

@@ -12,7 +12,14 @@ import pytest
 import torch.distributed as dist
 from hydra.errors import ConfigCompositionException
 
-from mova_train.config import PROJECT_ROOT, ConfigValueError, TrainConfig, to_train_config, validate_config
+from mova_train.config import (
+    PROJECT_ROOT,
+    ConfigValueError,
+    TrainConfig,
+    compose_config,
+    to_train_config,
+    validate_config,
+)
 from mova_train.training.synthetic import write_random_shards_for
 from mova_train.training.trainer import run
 from tests.train_utils import CONFIG_DIR, compose_train, subprocess_timeout, tiny_overrides
@@ -47,13 +54,7 @@ def test_every_yaml_composes_into_the_schema(group, name):
 
 
 def test_train_yaml_keeps_hydra_out_of_the_run_directory():
-    from hydra import compose, initialize_config_dir
-
-    from mova_train.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        cfg = compose(config_name="train", return_hydra_config=True)
+    cfg = compose_config(return_hydra_config=True)
     assert cfg.hydra.output_subdir is None and cfg.hydra.run.dir == "." and cfg.hydra.job.chdir is False
 
 

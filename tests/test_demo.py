@@ -20,7 +20,7 @@ pytestmark = pytest.mark.distributed
 def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "mova_train.demo", "--out", str(out), "--steps", "6", "--clips", "2"],
+        [sys.executable, "-m", "mova_train.cli.demo", "--out", str(out), "--steps", "6", "--clips", "2"],
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,

@@ -1,12 +1,12 @@
-"""`python -m mova_train.doctor`: a healthy tiny checkpoint passes; each broken piece is named and fails."""
+"""`python -m mova_train.cli.doctor`: a healthy tiny checkpoint passes; each broken piece is named and fails."""
 
 import shutil
 
 import pytest
 import torch
 
+from mova_train.cli.doctor import FAIL, main, memory_advice, run_checks
 from mova_train.data.contract import Manifest, ShardInfo, save_manifest
-from mova_train.doctor import FAIL, main, memory_advice, run_checks
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""`python -m mova_train.export`: peft / mova / comfyui / merged reproduce the trained model; determinism; errors."""
+"""`python -m mova_train.cli.export`: peft / mova / comfyui / merged reproduce the trained model; determinism; errors."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from mova_train.checkpoint_io import read_component_header
-from mova_train.export import main as export_main
+from mova_train.cli.export import main as export_main
 from mova_train.lora import (
     LoraConfig,
     apply_adapters,

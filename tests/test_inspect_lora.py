@@ -1,8 +1,8 @@
-"""`python -m mova_train.inspect --lora`: targeted modules and trainable counts at real size, on meta."""
+"""`python -m mova_train.cli.inspect --lora`: targeted modules and trainable counts at real size, on meta."""
 
 import re
 
-from mova_train.inspect import main
+from mova_train.cli.inspect import main
 
 
 def test_inspect_lists_lora_targets_at_real_size(capsys):

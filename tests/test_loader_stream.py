@@ -7,8 +7,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from mova_train.data.bench import main as bench_main
-from mova_train.data.bench import run_loader_bench
+from mova_train.bench import main as bench_main
+from mova_train.bench.data import run_loader_bench
 from mova_train.data.contract import encode_sample
 from mova_train.data.loader import (
     DataConfig,
@@ -199,6 +199,6 @@ def test_bench_runs_and_reports(shard_dir, capsys):
 
 
 def test_bench_cli_bad_path_exits_2(tmp_path, capsys):
-    assert bench_main([str(tmp_path / "nope")]) == 2
+    assert bench_main(["data", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error:") and len(err.strip().splitlines()) == 1
+    assert err.startswith("bench data: error:") and len(err.strip().splitlines()) == 1

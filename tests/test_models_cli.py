@@ -1,4 +1,4 @@
-"""Command-line tools of the model area: make_tiny, inspect, and the bench dispatcher (run once, tiny, no timings)."""
+"""Command-line tools of the model area: cli.make_tiny, cli.inspect, and the bench dispatcher (run once, tiny, no timings)."""
 
 import json
 import math
@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from mova_train import bench, inspect, make_tiny
+from mova_train import bench
+from mova_train.cli import inspect, make_tiny
 from mova_train.models import COMPONENTS, build_mova
 
 
@@ -21,9 +22,21 @@ def test_make_tiny_refuses_a_non_empty_folder(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp folder left behind
 
 
+def test_make_tiny_codecs_only_writes_the_codec_folders(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")  # an existing folder is fine here; its other files stay
+    assert make_tiny.main([str(tmp_path / "out"), "--codecs-only", "--seed", "1"]) == 0
+    assert "wrote tiny codecs" in capsys.readouterr().out
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["audio_vae", "keep.txt", "text_encoder", "tokenizer", "video_vae"]
+
+
 def test_make_tiny_help_runs_as_a_module():
     out = subprocess.run(
-        [sys.executable, "-m", "mova_train.make_tiny", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "mova_train.cli.make_tiny", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert "--seed" in out and "OUT_DIR" in out.upper()
 

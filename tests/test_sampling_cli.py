@@ -1,5 +1,5 @@
-"""`python -m mova_train.sample` on the tiny checkpoint: mp4 frames/size/audio length, identical files for one
-seed, the contact sheet, and clear one-line errors for bad input."""
+"""`python -m mova_train.cli.sample` on the tiny checkpoint: mp4 frames/size/audio length, identical files for one
+seed, the contact sheet, and clear one-line errors for bad input; and `python -m mova_train.bench sampling`."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mova_train.bench import main as bench_main
+from mova_train.cli.sample import main
 from mova_train.media import read_mp4
-from mova_train.sample import main
 
 FRAMES, HEIGHT, WIDTH = 17, 32, 64
 
@@ -101,3 +102,12 @@ def test_grey_reference_is_an_explicit_choice(tiny_checkpoint, tmp_path, referen
     assert main(args) == 0
     (record,) = json.loads((tmp_path / "g" / "renders.json").read_text())["renders"]
     assert record["image"] == "grey"
+
+
+def test_sampling_bench_runs_both_modes_once(tiny_checkpoint, capsys):
+    """Each mode runs in its own `python -m mova_train.bench sampling --worker` process; figures only."""
+    size = ["--frames", "5", "--size", "16x32", "--steps", "1"]
+    assert bench_main(["sampling", "--checkpoint", str(tiny_checkpoint), *size]) == 0
+    out = capsys.readouterr().out
+    assert "resident" in out and "expert loads 1" in out  # the offload mode loads one expert at a time
+    assert "with --offload-experts" in out

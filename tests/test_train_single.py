@@ -165,7 +165,7 @@ def test_evaluation_during_training_leaves_the_run_unchanged(tiny_checkpoint, on
 def test_train_bench_prints_its_figures(tiny_checkpoint, capsys):
     import argparse
 
-    from mova_train.training.bench import add_bench_args, run_gpu_bench, run_train_bench
+    from mova_train.bench.training import add_bench_args, run_gpu_bench, run_train_bench
 
     parser = argparse.ArgumentParser()
     add_bench_args(parser)

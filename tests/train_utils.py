@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from mova_train.config import PROJECT_ROOT, register_configs
+from mova_train.config import PROJECT_ROOT, compose_config
 
 CONFIG_DIR = PROJECT_ROOT / "configs"
 LOCK_FILE = PROJECT_ROOT / "requirements" / "lock.txt"
@@ -36,11 +36,7 @@ def subprocess_timeout(seconds: float) -> int:
 
 def compose_train(overrides: list[str], config_dir: Path = CONFIG_DIR):
     """The composed `train` config (an OmegaConf DictConfig), exactly as train.py would see it."""
-    from hydra import compose, initialize_config_dir
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
-        return compose(config_name="train", overrides=overrides)
+    return compose_config(overrides, config_dir=config_dir)
 
 
 def tiny_overrides(checkpoint: Path, shards: Path, run_dir: Path, *extra: str) -> list[str]:

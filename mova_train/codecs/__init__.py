@@ -152,7 +152,7 @@ def build_codec_modules(
 ) -> dict[str, nn.Module]:
     """The raw codec modules at a preset ("tiny" | "mova_360p" | "mova_720p"), randomly initialised unless on meta.
 
-    Used by `python -m mova_train.inspect` (names, shapes, parameter counts) and by the tiny-checkpoint writer.
+    Used by `python -m mova_train.cli.inspect` (names, shapes, parameter counts) and by the tiny-checkpoint writer.
     """
     if config_name not in CONFIG_NAMES:
         raise CodecConfigError(f"unknown codec config {config_name!r}; allowed: {', '.join(CONFIG_NAMES)}")

@@ -1,19 +1,17 @@
 """Tiny random codecs in the released checkpoint layout, built locally (no downloads), for tests and the demo.
 
 `write_tiny_codecs(out_dir, seed)` writes video_vae/, audio_vae/, text_encoder/ (3 shards + index) and tokenizer/
-with the release's file names. The same seed writes byte-identical weight files. Run standalone with
-`python -m mova_train.codecs.tiny --out DIR`; `python -m mova_train.make_tiny` calls it for whole checkpoints.
+with the release's file names. The same seed writes byte-identical weight files. The command line is
+`python -m mova_train.cli.make_tiny DIR` (a whole checkpoint) or `... --codecs-only` (these folders alone).
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import math
 import os
 import re
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -145,25 +143,3 @@ def write_tiny_codecs(out_dir: Path, seed: int) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m mova_train.codecs.tiny",
-        description="Write tiny random MOVA codecs (video_vae, audio_vae, text_encoder, tokenizer) in the released "
-        "folder layout. For a whole tiny checkpoint use `python -m mova_train.make_tiny`.",
-    )
-    parser.add_argument("--out", required=True, type=Path, help="folder to write into (created if missing)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
-    args = parser.parse_args(argv)
-    try:
-        write_tiny_codecs(args.out, args.seed)
-    except OSError as e:
-        print(f"error: cannot write {args.out}: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote tiny codecs to {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,6 +1,6 @@
 """What a LoRA config targets: modules and trainable parameter counts per component (meta device friendly).
 
-Used by `python -m mova_train.inspect --config mova_360p --lora NAME`, where NAME is a preset (`self_attn`),
+Used by `python -m mova_train.cli.inspect --config mova_360p --lora NAME`, where NAME is a preset (`self_attn`),
 several presets (`self_attn,ffn`), a bundle under configs/lora/ (`voice`) or an experiment (`voice_lora`).
 """
 
@@ -139,16 +139,10 @@ def _strip_hydra_keys(node):
 
 
 def _lora_from_experiment(root: Path, name: str) -> LoraConfig:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    # Not at the top: mova_train.config imports mova_train.lora.config, whose package imports this module.
+    from mova_train.config import compose_config
 
-    from mova_train.config import register_configs  # the typed schema configs/train.yaml starts from
-
-    register_configs()
-    if GlobalHydra.instance().is_initialized():
-        GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(root), version_base=None):
-        cfg = compose(config_name="train", overrides=[f"+experiment={name}"])
+    cfg = compose_config([f"+experiment={name}"], config_dir=root)
     if "lora" not in cfg:
         raise LoraError(f"experiment {name!r} composes no `lora` config")
     return lora_config_from_dict(cfg.lora, where=f"experiment {name}")

@@ -1,6 +1,6 @@
-"""Sampler benchmark: time and peak memory with both experts resident vs `--offload-experts`.
+"""`python -m mova_train.bench sampling`: sampler time and peak memory, both experts resident vs `--offload-experts`.
 
-    python -m mova_train.sampling.bench [--checkpoint DIR] [--frames 17] [--size 32x64] [--steps 4]
+    python -m mova_train.bench sampling [--checkpoint DIR] [--frames 17] [--size 32x64] [--steps 4]
 
 Each mode runs in a fresh process so its peak RSS is its own. Without --checkpoint a tiny checkpoint is written to a
 temporary folder. Also prints the weights-only memory of the released 360p/720p architecture in each mode (from a
@@ -17,19 +17,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from mova_train.bench.common import peak_rss_bytes
+from mova_train.models import COMPONENTS, EXPERTS, build_mova
+from mova_train.models.tiny import write_tiny_checkpoint
+from mova_train.sampling.inputs import parse_size
+from mova_train.sampling.pipeline import load_pipeline
+from mova_train.sampling.sampler import generate
+
 MODES = ("resident", "offload")
-
-
-def _peak_rss_bytes() -> int:
-    """Peak resident set size of this process (Linux VmHWM; ru_maxrss elsewhere)."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def _param_bytes(module) -> int:
@@ -37,13 +34,6 @@ def _param_bytes(module) -> int:
 
 
 def _worker(args) -> dict:
-    import torch
-
-    from mova_train.models import COMPONENTS
-    from mova_train.sampling.inputs import parse_size
-    from mova_train.sampling.pipeline import load_pipeline
-    from mova_train.sampling.sampler import generate
-
     torch.set_num_threads(max(1, args.threads))
     height, width = parse_size(args.size)
     device = torch.device(args.device)
@@ -84,7 +74,7 @@ def _worker(args) -> dict:
         "sample_s": done - loaded,
         "expert_loads": pipeline.num_expert_loads,
         "peak_resident_diffusion_weights_bytes": peak_weights,
-        "peak_rss_bytes": _peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss_bytes(),
         "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device)
         if device.type == "cuda"
         else None,
@@ -93,8 +83,6 @@ def _worker(args) -> dict:
 
 def _release_weights(dtype_bytes: int = 2) -> dict[str, float]:
     """GB of diffusion weights resident in each mode at the released size (bf16), from a meta build."""
-    from mova_train.models import EXPERTS, build_mova
-
     model = build_mova("mova_360p", device="meta")
     sizes = {
         c: sum(p.numel() for p in getattr(model, c).parameters()) * dtype_bytes for c in model.components
@@ -106,10 +94,7 @@ def _release_weights(dtype_bytes: int = 2) -> dict[str, float]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m mova_train.sampling.bench", description=__doc__.splitlines()[0]
-    )
+def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", help="checkpoint folder (default: a temporary tiny checkpoint)")
     parser.add_argument("--frames", type=int, default=17)
     parser.add_argument("--size", default="32x64", help="HEIGHTxWIDTH (default 32x64)")
@@ -119,15 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="fp32")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+
+
+def run_sampling_bench(args: argparse.Namespace) -> int:
     if args.worker:
         print(json.dumps(_worker(args)))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint
         if checkpoint is None:
-            from mova_train.make_tiny import write_tiny_checkpoint
-
             checkpoint = str(write_tiny_checkpoint(Path(tmp) / "tiny"))
         common = ["--checkpoint", checkpoint, "--frames", str(args.frames), "--size", args.size]
         common += ["--steps", str(args.steps), "--cfg", str(args.cfg), "--device", args.device]
@@ -137,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         for mode in MODES:
             out = subprocess.run(
-                [sys.executable, "-m", "mova_train.sampling.bench", *common, "--worker", mode],
+                [sys.executable, "-m", "mova_train.bench", "sampling", *common, "--worker", mode],
                 check=True,
                 capture_output=True,
                 text=True,
@@ -157,7 +142,3 @@ def main(argv: list[str] | None = None) -> int:
         "(plus the codecs, spec §15: UMT5 ~11.4 GB bf16, DAC ~1.5 GB fp32, video VAE ~0.25 GB; and activations)"
     )
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,22 +2,27 @@
 
 Always runs the tiny config on CPU; with a GPU it also runs one full-size expert + audio tower + bridge (random
 weights, bf16, activation checkpointing) at 360p (43,120 video + 403 audio tokens) and reports the achieved
-TFLOP/s from the analytic count in `flops.py`. The base weights are frozen by default, as in LoRA training, and
-the video input requires grad so the backward pass runs through every block.
+TFLOP/s from the analytic count in `mova_train.models.flops`. The base weights are frozen by default, as in LoRA
+training, and the video input requires grad so the backward pass runs through every block.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import resource
-import time
 
 import torch
 
-from .config import get_model_config, num_tokens
-from .flops import step_flops
-from .mova import build_mova, set_activation_checkpointing
+from mova_train.bench.common import (
+    add_gpu_clip_args,
+    check_clip_shape,
+    check_steps,
+    peak_rss_bytes,
+    time_calls,
+)
+from mova_train.models.config import get_model_config, num_tokens
+from mova_train.models.flops import step_flops
+from mova_train.models.mova import build_mova, set_activation_checkpointing
 
 BENCH_COMPONENTS = ("video_dit", "audio_dit", "dual_tower_bridge")
 
@@ -30,16 +35,7 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also compute gradients of all base weights (full fine-tuning); default: frozen (LoRA)",
     )
-    parser.add_argument("--cpu-only", action="store_true", help="skip the full-size GPU measurement")
-    parser.add_argument(
-        "--gpu-config",
-        default="mova_360p",
-        choices=("mova_360p", "mova_720p"),
-        help="architecture for the GPU run (default mova_360p)",
-    )
-    parser.add_argument("--frames", type=int, default=193, help="pixel frames of the GPU clip (default 193)")
-    parser.add_argument("--height", type=int, default=352, help="GPU clip height in pixels (default 352)")
-    parser.add_argument("--width", type=int, default=640, help="GPU clip width in pixels (default 640)")
+    add_gpu_clip_args(parser)
     parser.add_argument(
         "--no-checkpointing",
         action="store_true",
@@ -51,10 +47,7 @@ def _inputs(
     config, *, frames: int, height: int, width: int, device, requires_grad: bool, seed: int = 0
 ) -> dict:
     """Random inputs of one clip; `frames` must be 4k+1 and height/width multiples of 16 (VAE 8 x patch 2)."""
-    if (frames - 1) % 4 or height % 16 or width % 16:
-        raise ValueError(
-            f"clip {frames} frames {height}x{width}: need frames = 4k+1 and sizes multiple of 16"
-        )
+    check_clip_shape(frames, height, width)
     g = torch.Generator(device="cpu").manual_seed(seed)
     t, h, w = (frames - 1) // 4 + 1, height // 8, width // 8
     num_audio = math.ceil(48000 * frames / 24 / 960)
@@ -72,22 +65,6 @@ def _inputs(
     }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time(fn, steps: int, warmup: int, device: torch.device) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - start) / steps
-
-
 def _measure(model, inputs: dict, steps: int, warmup: int, device: torch.device) -> tuple[float, float]:
     """(forward seconds, forward+backward seconds) per step."""
 
@@ -102,7 +79,7 @@ def _measure(model, inputs: dict, steps: int, warmup: int, device: torch.device)
         inputs["video_latents"].grad = None
         model.zero_grad(set_to_none=True)
 
-    return _time(forward, steps, warmup, device), _time(train_step, steps, warmup, device)
+    return time_calls(forward, steps, warmup, device), time_calls(train_step, steps, warmup, device)
 
 
 def _rate(flops_per_s: float) -> str:
@@ -135,8 +112,7 @@ def _report(label: str, config, inputs: dict, fwd_s: float, step_s: float, args,
 
 
 def run_model_bench(args: argparse.Namespace) -> int:
-    if args.steps < 1 or args.warmup < 0:
-        raise ValueError("--steps must be >= 1 and --warmup >= 0")
+    check_steps(args.steps, args.warmup)
     grads = "all weights" if args.weight_grads else "frozen weights (LoRA-like), input grads"
 
     # Tiny config on CPU: a 17-frame 64x96 clip.
@@ -149,7 +125,7 @@ def run_model_bench(args: argparse.Namespace) -> int:
     fwd_s, step_s = _measure(model, inputs, args.steps, args.warmup, cpu)
     print(f"model bench: tiny config on CPU, fp32, {torch.get_num_threads()} threads, {grads}")
     _report("tiny/cpu", config, inputs, fwd_s, step_s, args, recompute=False)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_rss_bytes() / 2**20
     print(f"[tiny/cpu] peak process RSS {peak_mb:.0f} MB")
     del model, inputs
 

@@ -1,4 +1,4 @@
-"""Render clips with sound from a MOVA checkpoint plus LoRA adapters: `python -m mova_train.sample --help`.
+"""Render clips with sound from a MOVA checkpoint plus LoRA adapters: `python -m mova_train.cli.sample --help`.
 
 Writes one mp4 (H.264 + AAC 48 kHz) and one PNG contact sheet per prompt, and renders.json describing the run.
 """
@@ -13,9 +13,9 @@ from pathlib import Path
 
 EPILOG = """\
 examples:
-  python -m mova_train.sample --checkpoint checkpoints/MOVA-360p --image ref.png \\
+  python -m mova_train.cli.sample --checkpoint checkpoints/MOVA-360p --image ref.png \\
       --prompt "a woman says hello in a quiet kitchen" --out renders/
-  python -m mova_train.sample --checkpoint checkpoints/MOVA-360p --lora runs/voice/checkpoints/step-002000:0.8 \\
+  python -m mova_train.cli.sample --checkpoint checkpoints/MOVA-360p --lora runs/voice/checkpoints/step-002000:0.8 \\
       --lora exported/style:0.5 --prompts prompts.jsonl --offload-experts --out renders/
 
 MOVA generates video+audio from an image and text: --image is required, either on the command line or per entry
@@ -27,7 +27,7 @@ such clips open on grey.  Prompt i uses seed + i unless its entry sets a seed; t
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m mova_train.sample",
+        prog="python -m mova_train.cli.sample",
         description="Sample MOVA (image + text -> video + audio) with optional LoRA adapters and write mp4 files.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
+    # Imported here on purpose: torch and the sampling code take seconds to load, and `--help` should not wait.
     import torch
 
     from mova_train.checkpoint_io import write_json_atomic

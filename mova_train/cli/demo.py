@@ -16,8 +16,10 @@ import sys
 import time
 from pathlib import Path
 
+from mova_train.media import read_mp4
+
 DEMO_PROMPT = "a red square bounces across the screen, a click on every bounce"
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # mova_train/cli/demo.py -> the repository root
 
 
 def _run(cmd: list[str], *, env: dict | None = None) -> float:
@@ -65,7 +67,9 @@ def plot_losses(metrics: Path, out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mova_train.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m mova_train.cli.demo", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="where everything is written")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps of the demo run")
     parser.add_argument(
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             [py, "-m", "data_tools", "synth", str(raw), "--clips", str(args.clips)], env=env
         )
     if not (ckpt / "model_index.json").exists():
-        timings["make_tiny"] = _run([py, "-m", "mova_train.make_tiny", str(ckpt)], env=env)
+        timings["make_tiny"] = _run([py, "-m", "mova_train.cli.make_tiny", str(ckpt)], env=env)
     timings["prepare"] = _run(
         [
             py, "-m", "data_tools", "prepare", str(raw),
@@ -110,12 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     for fmt in ("mova", "peft"):
         timings[f"export {fmt}"] = _run(
-            [py, "-m", "mova_train.export", str(run_dir), "--out", str(adapters / fmt), "--format", fmt],
+            [py, "-m", "mova_train.cli.export", str(run_dir), "--out", str(adapters / fmt), "--format", fmt],
             env=env,
         )
     timings["sample"] = _run(
         [
-            py, "-m", "mova_train.sample", "--checkpoint", str(ckpt),
+            py, "-m", "mova_train.cli.sample", "--checkpoint", str(ckpt),
             "--lora", str(adapters / "mova"), "--prompt", DEMO_PROMPT,
             "--image", str(_first_frame_png(out)), "--frames", "17", "--size", "64x112",
             "--steps", "8", "--seed", "0", "--out", str(renders),
@@ -140,8 +144,6 @@ def main(argv: list[str] | None = None) -> int:
 def _first_frame_png(out: Path) -> Path:
     """The reference image for the render: frame 0 of the first exported clip (MOVA is image-conditioned)."""
     from PIL import Image
-
-    from mova_train.media import read_mp4
 
     png = out / "reference.png"
     if png.exists():

@@ -1,7 +1,8 @@
-"""Benchmark dispatcher: `python -m mova_train.bench {model,codecs,train} [options]` prints figures.
+"""Benchmarks, one module per area, behind one command: `python -m mova_train.bench AREA [options]`.
 
-Each subcommand lives in its owner's module and is imported only when chosen. A module provides
-`run_<name>_bench(args) -> int | None` and may provide `add_bench_args(parser)` for its own options.
+Each area module provides `run_<name>_bench(args) -> int | None` and `add_bench_args(parser)` for its options, and
+is imported only when chosen; `common` holds the timing and peak-memory helpers they share. Benchmarks print
+figures and never assert timings. (Data preparation stages have their own: `python -m data_tools bench`.)
 """
 
 from __future__ import annotations
@@ -13,16 +14,26 @@ import sys
 # name -> (module, function, one-line description)
 COMMANDS = {
     "model": (
-        "mova_train.models.bench",
+        "mova_train.bench.models",
         "run_model_bench",
         "forward+backward time, memory and TFLOP/s of one dual-tower step (tiny on CPU; full size on a GPU)",
     ),
     "codecs": (
-        "mova_train.codecs.bench",
+        "mova_train.bench.codecs",
         "run_codecs_bench",
         "encode/decode speed of the video VAE, DAC and UMT5",
     ),
-    "train": ("mova_train.training.bench", "run_train_bench", "training-step throughput of the full trainer"),
+    "data": (
+        "mova_train.bench.data",
+        "run_data_bench",
+        "read throughput of the shard loader (samples/s, MB/s) on a shard folder or random latents",
+    ),
+    "train": ("mova_train.bench.training", "run_train_bench", "training-step throughput of the full trainer"),
+    "sampling": (
+        "mova_train.bench.sampling",
+        "run_sampling_bench",
+        "sampling time and peak memory with both experts resident vs --offload-experts",
+    ),
 }
 
 
@@ -33,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Print speed and memory figures. Benchmarks never assert timings.",
         epilog="subcommands:\n"
         + "\n".join(f"  {k:8s} {v[2]}" for k, v in COMMANDS.items())
-        + "\n\nRun `python -m mova_train.bench SUBCOMMAND --help` for its options.",
+        + "\n\nRun `python -m mova_train.bench SUBCOMMAND --help` for its options."
+        + "\nThe data preparation stages are benchmarked by `python -m data_tools bench`.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     top.add_argument("command", choices=sorted(COMMANDS), help="what to benchmark")
@@ -53,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name, rest = argv[0], argv[1:]
     module_name, func_name, description = COMMANDS[name]
+    # Imported only when chosen, on purpose: each area loads torch and its own packages, and `--help` should not wait.
     try:
         module = importlib.import_module(module_name)
         run = getattr(module, func_name)
@@ -70,7 +83,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench {name}: error: {e}", file=sys.stderr)
         return 2
     return int(code or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Export trained LoRA adapters for other tools: `python -m mova_train.export --help`.
+"""Export trained LoRA adapters for other tools: `python -m mova_train.cli.export --help`.
 
 Thin CLI over mova_train.lora.export; user errors exit with code 2 and a one-line message.
 """
@@ -14,7 +14,7 @@ formats:
   peft     OUT/<component>/adapter_config.json + adapter_model.safetensors, one folder per trained component
            (video_dit, video_dit_2, audio_dit, dual_tower_bridge); load with peft.PeftModel.from_pretrained
   mova     OUT/adapters.safetensors (+ adapter_config.json): keys <component>.<module path>.lora_A/.lora_B.weight,
-           rank/alpha/targets in the metadata; what `python -m mova_train.sample --lora` reads
+           rank/alpha/targets in the metadata; what `python -m mova_train.cli.sample --lora` reads
   comfyui  OUT/<component>.safetensors: diffusion_model.<module path>.lora_A/.lora_B.weight + .alpha per module
   merged   OUT/ = the base checkpoint (--checkpoint) with the adapters merged in, released layout
 
@@ -22,16 +22,16 @@ SOURCE is a run dir (its latest checkpoint), a checkpoint dir (runs/x/checkpoint
 adapter/ folder, or an adapters .safetensors file. Exporting twice gives byte-identical files.
 
 examples:
-  python -m mova_train.export runs/voice_lora --out exports/voice_peft --format peft
-  python -m mova_train.export runs/voice_lora/checkpoints/step-00002000 --out exports/voice.mova --format mova
-  python -m mova_train.export runs/voice_lora --out checkpoints/MOVA-360p-voice --format merged \\
+  python -m mova_train.cli.export runs/voice_lora --out exports/voice_peft --format peft
+  python -m mova_train.cli.export runs/voice_lora/checkpoints/step-00002000 --out exports/voice.mova --format mova
+  python -m mova_train.cli.export runs/voice_lora --out checkpoints/MOVA-360p-voice --format merged \\
       --checkpoint checkpoints/MOVA-360p
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m mova_train.export",
+        prog="python -m mova_train.cli.export",
         description="Export LoRA adapters trained by mova-train to PEFT, MOVA, ComfyUI or a merged checkpoint.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    # Imported after parsing on purpose: the LoRA code loads torch, peft and DeepSpeed, and `--help` should not wait.
     from mova_train.checkpoint_io import CheckpointError
     from mova_train.lora.config import LoraError
     from mova_train.lora.export import export_adapter

@@ -18,22 +18,22 @@ from pathlib import Path
 
 import torch
 
-from mova_train.config import PROJECT_ROOT
+from mova_train.bench.common import add_gpu_clip_args, check_clip_shape, check_steps, cuda_peak_gib, sync
+from mova_train.config import ObjectiveConfig, OptimConfig, compose_config
+from mova_train.lora import apply_lora, lora_config_from_name
+from mova_train.models import FlowMatchScheduler, build_mova, get_model_config, set_activation_checkpointing
+from mova_train.models.flops import step_flops
+from mova_train.models.tiny import write_tiny_checkpoint
+from mova_train.training.objective import FlowMatchingObjective
+from mova_train.training.optim import build_optimizer, set_step_hyperparams
+from mova_train.training.synthetic import write_random_shards_for
+from mova_train.training.trainer import Trainer, to_train_config, validate_config
 
 
 def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps (default 8)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    parser.add_argument("--cpu-only", action="store_true", help="skip the full-size GPU measurement")
-    parser.add_argument(
-        "--gpu-config",
-        default="mova_360p",
-        choices=("mova_360p", "mova_720p"),
-        help="architecture for the GPU run",
-    )
-    parser.add_argument("--frames", type=int, default=193, help="pixel frames of the GPU clip (default 193)")
-    parser.add_argument("--height", type=int, default=352, help="GPU clip height (default 352)")
-    parser.add_argument("--width", type=int, default=640, help="GPU clip width (default 640)")
+    add_gpu_clip_args(parser)
     parser.add_argument("--lora", default="voice", help="LoRA preset bundle of configs/lora/ (default voice)")
     parser.add_argument(
         "--checkpoint",
@@ -54,13 +54,6 @@ def _summary(
 
 def run_cpu_bench(args: argparse.Namespace) -> None:
     """The full trainer, one process on CPU, tiny checkpoint, 17 frames at 64x96."""
-    from hydra import compose, initialize_config_dir
-
-    from mova_train.config import register_configs
-    from mova_train.make_tiny import write_tiny_checkpoint
-    from mova_train.training.synthetic import write_random_shards_for
-    from mova_train.training.trainer import Trainer, to_train_config, validate_config
-
     with tempfile.TemporaryDirectory(prefix="mova-train-bench-") as tmp:
         root = Path(tmp)
         ckpt = (
@@ -69,23 +62,20 @@ def run_cpu_bench(args: argparse.Namespace) -> None:
         shards = write_random_shards_for(
             ckpt, root / "shards", num_clips=4, num_shards=2, num_frames=17, height=64, width=96
         )
-        register_configs()
         total = args.warmup + args.steps
-        with initialize_config_dir(config_dir=str(PROJECT_ROOT / "configs"), version_base=None):
-            cfg = compose(
-                config_name="train",
-                overrides=[
-                    "+experiment=tiny_demo",
-                    f"model.checkpoint={ckpt}",
-                    f"data.shards={shards}",
-                    f"trainer.run_dir={root / 'run'}",
-                    f"trainer.max_steps={total}",
-                    f"trainer.save_every={total + 1}",
-                    "trainer.num_threads=null",
-                    "tracking.mode=disabled",
-                    "tracking.progress_bar=false",
-                ],
-            )
+        cfg = compose_config(
+            [
+                "+experiment=tiny_demo",
+                f"model.checkpoint={ckpt}",
+                f"data.shards={shards}",
+                f"trainer.run_dir={root / 'run'}",
+                f"trainer.max_steps={total}",
+                f"trainer.save_every={total + 1}",
+                "trainer.num_threads=null",
+                "tracking.mode=disabled",
+                "tracking.progress_bar=false",
+            ]
+        )
         trainer = Trainer(validate_config(to_train_config(cfg)))
         trainer.setup()
         rows = []
@@ -104,18 +94,6 @@ def run_gpu_bench(args: argparse.Namespace, device: str = "cuda", config_name: s
     """Full size, random weights, one expert per step; the trainer's objective and optimizer.
 
     `device`/`config_name` exist so the same path can be smoke-checked on CPU with the tiny config."""
-    from mova_train.config import ObjectiveConfig, OptimConfig
-    from mova_train.lora import apply_lora, lora_config_from_name
-    from mova_train.models import (
-        FlowMatchScheduler,
-        build_mova,
-        get_model_config,
-        set_activation_checkpointing,
-    )
-    from mova_train.models.flops import step_flops
-    from mova_train.training.objective import FlowMatchingObjective
-    from mova_train.training.optim import build_optimizer, set_step_hyperparams
-
     gpu = torch.device(device)
     config_name = config_name or args.gpu_config
     config = get_model_config(config_name)
@@ -140,10 +118,7 @@ def run_gpu_bench(args: argparse.Namespace, device: str = "cuda", config_name: s
         config.boundary_timestep,
         seed=0,
     )
-    if (args.frames - 1) % 4 or args.height % 16 or args.width % 16:
-        raise ValueError(
-            f"--frames must be 4k+1 and --height/--width multiples of 16, got {args.frames}, {args.height}x{args.width}"
-        )
+    check_clip_shape(args.frames, args.height, args.width)
     t, h, w = (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8
     audio_len = math.ceil(48000 * args.frames / 24 / 960)
     g = torch.Generator().manual_seed(0)
@@ -175,22 +150,18 @@ def run_gpu_bench(args: argparse.Namespace, device: str = "cuda", config_name: s
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def sync() -> None:
-        if on_cuda:
-            torch.cuda.synchronize(gpu)
-
     for i in range(args.warmup):
         step(i)
-    sync()
+    sync(gpu)
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(gpu)
     times = []
     for i in range(args.steps):
         start = time.perf_counter()
         step(args.warmup + i)
-        sync()
+        sync(gpu)
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(gpu) / 2**30 if on_cuda else float("nan")
+    peak = cuda_peak_gib(gpu) if on_cuda else float("nan")
     flops = step_flops(config, video_tokens=video_tokens, audio_tokens=audio_len, text_tokens=config.text_len)
     model_flops, hw_flops = flops.train_step(weight_grads=False, recompute=True)
     step_s = statistics.median(times)
@@ -208,8 +179,7 @@ def run_gpu_bench(args: argparse.Namespace, device: str = "cuda", config_name: s
 
 
 def run_train_bench(args: argparse.Namespace) -> int:
-    if args.steps < 1 or args.warmup < 0:
-        raise ValueError("--steps must be >= 1 and --warmup >= 0")
+    check_steps(args.steps, args.warmup)
     run_cpu_bench(args)
     if args.cpu_only:
         return 0

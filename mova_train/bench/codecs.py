@@ -10,13 +10,12 @@ from __future__ import annotations
 import argparse
 import math
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from mova_train.bench.common import add_gpu_clip_args, cuda_peak_gib, time_calls, timed
 from mova_train.codecs import Codecs, build_codec_modules, load_codecs
 from mova_train.codecs.configs import get_codec_config
 from mova_train.codecs.dac import AudioVAE
@@ -38,45 +37,13 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
         "--tiny-audio-seconds", type=float, default=2.0, help="tiny CPU audio length (default 2)"
     )
     parser.add_argument("--prompts", type=int, default=4, help="prompts per text-encoder batch (default 4)")
-    parser.add_argument("--cpu-only", action="store_true", help="skip the real-size GPU measurement")
-    parser.add_argument(
-        "--gpu-config",
-        default="mova_360p",
-        choices=("mova_360p", "mova_720p"),
-        help="architecture for the GPU run",
-    )
-    parser.add_argument("--frames", type=int, default=193, help="frames of the GPU clip (4k+1, default 193)")
-    parser.add_argument("--height", type=int, default=352, help="GPU clip height (default 352)")
-    parser.add_argument("--width", type=int, default=640, help="GPU clip width (default 640)")
+    add_gpu_clip_args(parser)
     parser.add_argument(
         "--tiling", action="store_true", help="enable the video VAE's spatial tiling on the GPU run"
     )
     parser.add_argument(
         "--checkpoint", type=Path, default=None, help="also benchmark the codecs of this checkpoint folder"
     )
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _measure(
-    fn: Callable[[], object], device: torch.device, warmup: int, repeats: int
-) -> tuple[float, float | None]:
-    """Seconds per call and peak GPU memory in GiB (None on CPU)."""
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    _sync(device)
-    seconds = (time.perf_counter() - start) / max(repeats, 1)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return seconds, peak
 
 
 def _run_suite(
@@ -146,7 +113,8 @@ def _run_suite(
     print(f"\n== {label} ==")
     print(f"{'codec':<13}{'op':<11}{'input':<26}{'s/call':>10}{'throughput':>22}{'peak GiB':>10}")
     for codec, op, shape, fn, amount, unit in cases:
-        seconds, peak = _measure(fn, device, warmup, repeats)
+        seconds = time_calls(fn, repeats, warmup, device, reset_peak=True)
+        peak = cuda_peak_gib(device)
         rate = f"{amount / seconds:,.2f} {unit}"
         print(
             f"{codec:<13}{op:<11}{shape:<26}{seconds:>10.3f}{rate:>22}{(f'{peak:.1f}' if peak else '-'):>10}"
@@ -193,11 +161,8 @@ def run_codecs_bench(args: argparse.Namespace) -> int:
     )
     with tempfile.TemporaryDirectory(prefix="mova_tiny_codecs_") as tmp:
         write_tiny_codecs(Path(tmp), seed=0)
-        start = time.perf_counter()
-        codecs = load_codecs(tmp)
-        print(
-            f"tiny codecs loaded in {time.perf_counter() - start:.2f} s (identity {codecs.identity[:16]}...)"
-        )
+        codecs, load_s = timed(lambda: load_codecs(tmp))
+        print(f"tiny codecs loaded in {load_s:.2f} s (identity {codecs.identity[:16]}...)")
         _run_suite(
             "tiny codecs, CPU, fp32",
             *_from_codecs(codecs),
@@ -210,7 +175,15 @@ def run_codecs_bench(args: argparse.Namespace) -> int:
             repeats=args.repeats,
         )
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    seconds = args.frames / 24.0
+    full_size_clip = dict(
+        frames=args.frames,
+        height=args.height,
+        width=args.width,
+        audio_seconds=args.frames / 24.0,
+        num_prompts=args.prompts,
+        warmup=args.warmup,
+        repeats=args.repeats,
+    )
     if args.checkpoint is not None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         codecs = load_codecs(args.checkpoint, device=device, dtype=dtype)
@@ -220,13 +193,7 @@ def run_codecs_bench(args: argparse.Namespace) -> int:
         _run_suite(
             f"checkpoint {args.checkpoint}, {device.type}, {dtype}",
             *_from_codecs(codecs),
-            frames=args.frames,
-            height=args.height,
-            width=args.width,
-            audio_seconds=seconds,
-            num_prompts=args.prompts,
-            warmup=args.warmup,
-            repeats=args.repeats,
+            **full_size_clip,
         )
         del codecs, video
     if device.type != "cuda":
@@ -243,12 +210,6 @@ def run_codecs_bench(args: argparse.Namespace) -> int:
         video,
         audio,
         text,
-        frames=args.frames,
-        height=args.height,
-        width=args.width,
-        audio_seconds=seconds,
-        num_prompts=args.prompts,
-        warmup=args.warmup,
-        repeats=args.repeats,
+        **full_size_clip,
     )
     return 0

@@ -1,13 +1,12 @@
-"""Read-throughput benchmark of the shard loader: samples/s and MB/s from a shard folder (prints figures only).
+"""`python -m mova_train.bench data`: read throughput of the shard loader, samples/s and MB/s (prints figures only).
 
-python -m mova_train.data.bench data/shards --batch-size 2 --num-workers 4
-python -m mova_train.data.bench --synthetic 32        # 360p-sized random latents in a temp folder
+python -m mova_train.bench data data/shards --batch-size 2 --num-workers 4
+python -m mova_train.bench data --synthetic 32        # 360p-sized random latents in a temp folder
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 
 from mova_train.data.loader import DataConfig, build_loader
+from mova_train.data.synthetic import make_synthetic_sample, write_shard_set
 
 
 def _batch_bytes(batch) -> int:
@@ -90,8 +90,6 @@ def run_loader_bench(
 
 def write_bench_shards(out_dir: str | Path, num_samples: int, *, samples_per_shard: int = 8) -> None:
     """360p-sized random latents (bf16): video/first_frame [16, 49, 44, 80], audio [128, 403], text [~100, 4096]."""
-    from mova_train.data.synthetic import make_synthetic_sample, write_shard_set
-
     g = torch.Generator().manual_seed(0)
     samples = [
         make_synthetic_sample(
@@ -110,12 +108,7 @@ def write_bench_shards(out_dir: str | Path, num_samples: int, *, samples_per_sha
     write_shard_set(out_dir, shards)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m mova_train.data.bench",
-        description="Measure how fast the shard loader reads a shard folder (samples/s, MB/s). "
-        "Prints figures; asserts nothing.",
-    )
+def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("shards", nargs="?", help="shard folder with manifest.json, or a shard URL list")
     parser.add_argument(
         "--synthetic", type=int, metavar="N", help="benchmark N random 360p-sized samples instead"
@@ -126,9 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batches", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=30.0, help="stop after this many seconds")
     parser.add_argument("--no-validate", action="store_true", help="skip per-sample validation")
-    args = parser.parse_args(argv)
+
+
+def run_data_bench(args: argparse.Namespace) -> int:
     if (args.shards is None) == (args.synthetic is None):
-        parser.error("give a shard folder or --synthetic N (one of them)")
+        raise ValueError("give a shard folder or --synthetic N (one of them)")
+    if args.synthetic is not None and args.synthetic < 1:
+        raise ValueError("--synthetic needs N >= 1")
     options = dict(
         batch_size=args.batch_size,
         num_workers=args.num_workers,
@@ -139,18 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.synthetic is not None:
-            if args.synthetic < 1:
-                parser.error("--synthetic needs N >= 1")
             with tempfile.TemporaryDirectory(prefix="mova-loader-bench-") as tmp:
                 write_bench_shards(tmp, args.synthetic)
                 run_loader_bench(tmp, **options)
         else:
             run_loader_bench(args.shards, **options)
-    except ValueError as e:  # config and data errors (LoaderError, ShardFormatError, ...) are ValueErrors
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
+    except ValueError as e:
+        # config and data errors (LoaderError, ShardFormatError, ...) are ValueErrors; print their first line only
+        raise ValueError(str(e).splitlines()[0]) from None
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,10 @@
-"""Readiness check: `python -m mova_train.doctor [--checkpoint DIR] [--shards DIR]`.
+"""Readiness check: `python -m mova_train.cli.doctor [--checkpoint DIR] [--shards DIR]`.
 
 Says what will not work (environment, checkpoint folder, shards, and the two against each other) before a user
 spends GPU time. Exit code 0 when nothing failed, 1 otherwise; warnings do not fail.
+
+The checks import torch and the project's packages inside the functions on purpose: the doctor must start (and
+`--help` must answer) on a broken environment, whose import failures it reports as checks.
 """
 
 from __future__ import annotations
@@ -240,7 +243,9 @@ def run_checks(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mova_train.doctor", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m mova_train.cli.doctor", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--checkpoint", type=Path, help="MOVA checkpoint folder (model_index.json inside)")
     parser.add_argument(
         "--shards", type=Path, help="shard folder written by data_tools (manifest.json inside)"

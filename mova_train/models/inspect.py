@@ -1,22 +1,20 @@
 """Parameter names, shapes and counts of a MOVA checkpoint folder or a named config (built on `meta`).
 
-python -m mova_train.inspect --config mova_360p
-python -m mova_train.inspect --checkpoint checkpoints/MOVA-360p --json
+The command line is `python -m mova_train.cli.inspect` (--config NAME | --checkpoint DIR, --json, --lora NAME).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint_io import INDEX_SUFFIX, CheckpointError, read_component_header
-from .models.checkpoint import read_mova_config
-from .models.config import COMPONENTS, CONFIG_PRESETS, EXPERTS
-from .models.mova import MovaModel, build_mova
+from ..checkpoint_io import INDEX_SUFFIX, CheckpointError, read_component_header
+from ..codecs import build_codec_modules
+from .checkpoint import read_mova_config
+from .config import COMPONENTS, EXPERTS
+from .mova import MovaModel, build_mova
 
 CODEC_COMPONENTS = ("text_encoder", "video_vae", "audio_vae")
 # Names that hold one tensor twice (tied); counted once.
@@ -47,13 +45,8 @@ def inspect_config(name: str) -> Inspection:
     model = build_mova(name, device="meta")
     shapes = {c: _module_shapes(getattr(model, c)) for c in COMPONENTS}
     notes: list[str] = []
-    try:
-        from .codecs import build_codec_modules
-    except ImportError as e:
-        notes.append(f"codec components not listed: mova_train.codecs.build_codec_modules unavailable ({e})")
-    else:
-        for c, module in build_codec_modules(name, device="meta").items():
-            shapes[c] = _module_shapes(module)
+    for c, module in build_codec_modules(name, device="meta").items():
+        shapes[c] = _module_shapes(module)
     return Inspection(source=f"config {name}", shapes=shapes, model=model, notes=notes)
 
 
@@ -126,54 +119,3 @@ def shapes_json(shapes: dict[str, dict[str, list[int]]]) -> str:
         body = ",\n".join(f"    {json.dumps(k)}: {json.dumps(v)}" for k, v in params.items())
         blocks.append(f"  {json.dumps(c)}: {{\n{body}\n  }}")
     return "{\n" + ",\n".join(blocks) + "\n}"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m mova_train.inspect",
-        description="Print per-component parameter counts (and total / active = one expert + audio + bridge) of a "
-        "MOVA checkpoint folder (read from safetensors headers, no weights loaded) or of a named config (built on "
-        "the meta device). With --json print {component: {param_name: shape}}.",
-    )
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", metavar="DIR", help="a MOVA checkpoint folder (released layout)")
-    src.add_argument("--config", choices=CONFIG_PRESETS, help="a named architecture")
-    parser.add_argument("--json", action="store_true", help="print {component: {param_name: shape}} as JSON")
-    parser.add_argument(
-        "--lora",
-        metavar="NAME",
-        help="also list the modules a LoRA setup targets and its trainable parameters per component: preset names "
-        "(comma-separated, e.g. self_attn,bridge_a2v), a configs/lora bundle (voice), an experiment (voice_lora) "
-        "or a YAML file",
-    )
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        insp = inspect_checkpoint(args.checkpoint) if args.checkpoint else inspect_config(args.config)
-    except ValueError as e:  # CheckpointError and ConfigError are ValueErrors
-        print(f"inspect: error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(shapes_json(insp.shapes))
-    else:
-        print(format_counts(insp))
-    for n in insp.notes:
-        if args.json:
-            print(f"note: {n}", file=sys.stderr)
-    if args.lora:
-        from mova_train.lora.inspect import lora_config_from_name, print_lora_summary
-
-        try:
-            print()
-            print_lora_summary(insp.model, lora_config_from_name(args.lora))
-        except ValueError as e:  # LoraError names the preset, component or field
-            print(f"inspect: error: {e}", file=sys.stderr)
-            return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
