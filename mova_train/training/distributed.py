@@ -140,7 +140,7 @@ def resolve_runtime(cfg: TrainConfig) -> tuple[str, dict | None]:
     if cfg.eval.every > 0 and zero_stage == 3:
         raise ConfigValueError(
             "eval.every > 0 with DeepSpeed ZeRO-3 is not supported (renders would need every rank); "
-            "use ZeRO-2 or render checkpoints with `python -m mova_train.sample`"
+            "use ZeRO-2 or render checkpoints with `python -m mova_train.cli.sample`"
         )
     return mixed_precision, ds_config
 
