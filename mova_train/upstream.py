@@ -31,6 +31,17 @@ def silence_known_warnings() -> None:
     )
 
 
+def set_collective_timeout(timeout) -> None:
+    """torch 2.13: `init_process_group(timeout=...)` sets the timeout of the default group only; every group made
+    later with `new_group()` (DeepSpeed's data-parallel group, which ZeRO's gradient all-reduce uses) takes the
+    module defaults, 30 min (gloo) / 10 min (NCCL). Set those defaults too, before any group exists, so a stalled
+    peer ends the run within `trainer.collective_timeout_min` whatever group it stalls."""
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    c10d.default_pg_nccl_timeout = timeout
+
+
 def clear_zero3_stale_grads(engine) -> None:
     """DeepSpeed 0.19.8, ZeRO stage 3 without optimizer offload.
 

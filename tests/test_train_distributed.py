@@ -28,11 +28,19 @@ from mova_train.models import expert_for_timestep
 from mova_train.models.checkpoint import load_mova, read_mova_config
 from mova_train.training import checkpoint as ckpt_io
 from mova_train.training.synthetic import write_random_shards_for
-from tests.train_utils import REFERENCE_NUMERICS_ENV, lock_sha256, read_metrics, subprocess_timeout
+from tests.train_utils import (
+    NUM_STEPS,
+    REFERENCE_NUMERICS_ENV,
+    launch,
+    launch_cmd,
+    launch_env,
+    lock_sha256,
+    read_metrics,
+    subprocess_timeout,
+)
 
 pytestmark = pytest.mark.distributed
 
-NUM_STEPS = 6
 GOLDEN = Path(__file__).parent / "golden" / "train_tiny_demo_zero2_losses.json"
 
 
@@ -42,33 +50,6 @@ def shards(tiny_checkpoint, tmp_path_factory):
     return write_random_shards_for(
         tiny_checkpoint, tmp_path_factory.mktemp("shards"), num_clips=2, num_shards=2
     )
-
-
-def launch_cmd(checkpoint: Path, shards: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-        "train.py", "+experiment=tiny_demo", f"model.checkpoint={checkpoint}", f"data.shards={shards}",
-        f"trainer.run_dir={run_dir}", f"trainer.max_steps={NUM_STEPS}", "tracking.progress_bar=false",
-        "trainer.keep_last=0", *extra,
-    ]  # fmt: skip
-
-
-def launch_env() -> dict:
-    return {**os.environ, **REFERENCE_NUMERICS_ENV, "TOKENIZERS_PARALLELISM": "false", "WANDB_SILENT": "true"}
-
-
-def launch(cmd: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        cmd,
-        cwd=PROJECT_ROOT,
-        env=launch_env(),
-        capture_output=True,
-        text=True,
-        timeout=subprocess_timeout(timeout),
-    )
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
 
 
 @pytest.fixture(scope="module")

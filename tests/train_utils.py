@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from mova_train.config import PROJECT_ROOT, compose_config
@@ -61,3 +63,34 @@ def reset_accelerate() -> None:
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+# `accelerate launch` of the real entry point, as the distributed and fault tests run it
+NUM_STEPS = 6
+
+
+def launch_cmd(checkpoint: Path, shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+        "train.py", "+experiment=tiny_demo", f"model.checkpoint={checkpoint}", f"data.shards={shards}",
+        f"trainer.run_dir={run_dir}", f"trainer.max_steps={NUM_STEPS}", "tracking.progress_bar=false",
+        "trainer.keep_last=0", *extra,
+    ]  # fmt: skip
+
+
+def launch_env() -> dict:
+    return {**os.environ, **REFERENCE_NUMERICS_ENV, "TOKENIZERS_PARALLELISM": "false", "WANDB_SILENT": "true"}
+
+
+def launch(cmd: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        cmd,
+        cwd=PROJECT_ROOT,
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=subprocess_timeout(timeout),
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from mova_train.config import ConfigValueError, TrainConfig, resolve_path
 from mova_train.run_layout import heartbeat_file
+from mova_train.upstream import set_collective_timeout
 
 logger = logging.getLogger(__name__)
 
@@ -166,11 +167,10 @@ def build_accelerator(cfg: TrainConfig, mixed_precision: str, ds_config: dict | 
         )
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if launched or ds_config is not None:
+        timeout = datetime.timedelta(minutes=cfg.trainer.collective_timeout_min)
+        set_collective_timeout(timeout)
         handlers.append(
-            InitProcessGroupKwargs(
-                backend="nccl" if torch.cuda.is_available() else "gloo",
-                timeout=datetime.timedelta(minutes=cfg.trainer.collective_timeout_min),
-            )
+            InitProcessGroupKwargs(backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
         )
     plugin = None
     if ds_config is not None:

@@ -1,0 +1,249 @@
+"""Faults that used to lose or hide something (issue: "Nothing lost, nothing hidden"), each tried for real: rejected
+samples counted over all ranks, one writer per run dir, resume=never beside older checkpoints, Ctrl-C, a stalled
+peer, fatal errors in the rank logs."""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import json
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mova_train import run_layout
+from mova_train.codecs import codec_identity
+from mova_train.config import PROJECT_ROOT, to_train_config, validate_config
+from mova_train.data.synthetic import make_synthetic_sample, write_shard_set
+from mova_train.models.checkpoint import read_mova_config
+from mova_train.training import signals
+from mova_train.training.run_lock import RunDirLockedError, RunLock
+from mova_train.training.synthetic import write_random_shards_for
+from mova_train.training.trainer import Trainer, run
+from tests.train_utils import (
+    compose_train,
+    launch_cmd,
+    launch_env,
+    read_metrics,
+    reset_accelerate,
+    subprocess_timeout,
+    tiny_overrides,
+)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate():
+    reset_accelerate()
+    yield
+    reset_accelerate()
+
+
+@pytest.fixture(scope="module")
+def shards(tiny_checkpoint, tmp_path_factory):
+    return write_random_shards_for(
+        tiny_checkpoint, tmp_path_factory.mktemp("shards"), num_clips=2, num_shards=2
+    )
+
+
+def _shards_with_nan(checkpoint: Path, out: Path, *, per_shard: int, bad: set[tuple[int, int]]) -> Path:
+    """Two shards of tiny-checkpoint-shaped samples; (shard, index) pairs in `bad` hold a NaN latent."""
+    config, identity = read_mova_config(checkpoint), codec_identity(checkpoint)
+    g = torch.Generator().manual_seed(0)
+    shards = []
+    for s in range(2):
+        shard = []
+        for k in range(per_shard):
+            meta, tensors = make_synthetic_sample(
+                f"clip_{s}_{k}", bucket="32x32", num_frames=5, num_audio_samples=10_000, num_tokens=7,
+                text_dim=config.text_dim, audio_channels=config.audio_latent_dim, codec_identity=identity,
+                generator=g,
+            )  # fmt: skip
+            if (s, k) in bad:
+                tensors["video"][0, 0, 0, 0] = math.nan
+            shard.append((meta, tensors))
+        shards.append(shard)
+    write_shard_set(out, shards, codec_identity=identity, checkpoint_identity="random")
+    return out
+
+
+def _data_stats(run_dir: Path, rank: int) -> dict:
+    line = [
+        x for x in (run_dir / "logs" / f"rank{rank}.log").read_text().splitlines() if "data on rank" in x
+    ][-1]
+    return ast.literal_eval(line.split(f"data on rank {rank}: ", 1)[1])
+
+
+# ------------------------------------------------------------------------------------------------- item 3
+def test_rejected_samples_are_summed_over_ranks(tiny_checkpoint, tmp_path):
+    data = _shards_with_nan(tiny_checkpoint, tmp_path / "shards", per_shard=8, bad={(1, 2)})
+    run_dir = tmp_path / "run"
+    cmd = launch_cmd(
+        tiny_checkpoint, data, run_dir, "deepspeed=zero2", "trainer.save_every=100", "tracking.mode=disabled",
+        "data.max_rejected_fraction=0.5", "data.shuffle_buffer=0",
+    )  # fmt: skip
+    proc = subprocess.run(
+        cmd,
+        cwd=PROJECT_ROOT,
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=subprocess_timeout(300),
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rank_totals = [_data_stats(run_dir, r).get("rejected_total", 0) for r in (0, 1)]
+    assert rank_totals[0] == 0 and rank_totals[1] >= 1, rank_totals  # the bad sample sits in rank 1's shard
+    assert read_metrics(run_dir)[-1]["rejected_samples"] == sum(rank_totals)
+
+
+# ------------------------------------------------------------------------------------------------- item 6
+def test_a_second_training_on_a_live_run_dir_is_refused(tiny_checkpoint, shards, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(
+        tiny_checkpoint, shards, run_dir, "trainer.max_steps=2", "trainer.save_every=1"
+    )
+    first = Trainer(validate_config(to_train_config(compose_train(overrides))))
+    first.setup()  # holds the lock from here on
+    in_progress = run_layout.in_progress_dir(run_dir, 1)
+    in_progress.mkdir(parents=True)  # as if the first job were writing a checkpoint right now
+    lock = json.loads((run_dir / run_layout.LOCK_FILE).read_text())
+    assert lock["pid"] == os.getpid() and lock["host"] == socket.gethostname()
+    with pytest.raises(RunDirLockedError, match=rf"in use by another training \(host .*, pid {os.getpid()}"):
+        run(compose_train(overrides))
+    assert in_progress.is_dir()  # the refused start deleted nothing of the live job's
+    in_progress.rmdir()
+    assert first.train().step == 2  # the holder is not disturbed
+    assert not (run_dir / run_layout.LOCK_FILE).exists()  # released at the end
+    reset_accelerate()
+    assert run(compose_train([*overrides, "trainer.max_steps=3"])).step == 3  # free again
+
+
+def test_stale_locks_are_taken_over_with_a_warning(tmp_path, caplog):
+    path = tmp_path / run_layout.LOCK_FILE
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer runs
+    path.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "heartbeat": time.time()}))
+    lock = RunLock(tmp_path, stale_after=60)
+    lock.acquire()
+    assert f"its process {dead.pid} on this host is gone" in caplog.text
+    assert json.loads(path.read_text())["token"] == lock.token
+    lock.release()
+    assert not path.exists()
+    # another host: alive while its heartbeat is fresh, stale once older than stale_after
+    path.write_text(json.dumps({"host": "elsewhere", "pid": 1, "heartbeat": time.time()}))
+    with pytest.raises(RunDirLockedError, match="host elsewhere, pid 1"):
+        RunLock(tmp_path, stale_after=60).acquire()
+    path.write_text(json.dumps({"host": "elsewhere", "pid": 1, "heartbeat": time.time() - 61}))
+    lock = RunLock(tmp_path, stale_after=60)
+    lock.acquire()
+    assert "heartbeat is 61 s old" in caplog.text
+    lock.release()
+
+
+# ------------------------------------------------------------------------------------------------- item 7
+def test_resume_never_moves_older_checkpoints_aside_and_keeps_its_own(tiny_checkpoint, shards, tmp_path):
+    run_dir = tmp_path / "run"
+    base = tiny_overrides(tiny_checkpoint, shards, run_dir, "trainer.save_every=2", "trainer.keep_last=2")
+    run(compose_train([*base, "trainer.max_steps=8"]))
+    assert [s for s, _ in run_layout.list_checkpoints(run_dir)] == [6, 8]
+    reset_accelerate()
+    run(compose_train([*base, "trainer.max_steps=4", "trainer.resume=never"]))
+    assert [s for s, _ in run_layout.list_checkpoints(run_dir)] == [2, 4]  # the new run's, none pruned
+    (aside,) = run_dir.glob("checkpoints.replaced-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["step-00000006", "step-00000008"]
+
+
+# ------------------------------------------------------------------------------------------------ item 10
+def test_sigint_stops_like_sigterm_and_a_later_second_one_aborts(monkeypatch):
+    flag = signals.StopFlag()
+    flag.install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert flag.signal == signal.SIGINT  # no KeyboardInterrupt: the run saves and stops
+        os.kill(os.getpid(), signal.SIGINT)  # the launcher's forwarded copy, at once: ignored
+        monkeypatch.setattr(signals, "SIGINT_REPEAT_WINDOW_S", 0.0)
+        time.sleep(0.01)
+        with pytest.raises(KeyboardInterrupt, match="second Ctrl-C"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+    finally:
+        flag.restore()
+
+
+def test_ctrl_c_on_the_launcher_saves_a_checkpoint(tiny_checkpoint, shards, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = launch_cmd(
+        tiny_checkpoint, shards, run_dir, "deepspeed=zero2", "trainer.max_steps=100000", "trainer.save_every=100000",
+        "tracking.mode=disabled",
+    )  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=PROJECT_ROOT, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    metrics, deadline = run_dir / "metrics.jsonl", time.time() + subprocess_timeout(300)
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does: the whole process group
+    proc.communicate(timeout=subprocess_timeout(300))
+    steps = [s for s, _ in run_layout.list_checkpoints(run_dir)]
+    assert steps and steps[-1] == len(read_metrics(run_dir)) >= 2, steps
+    for rank in (0, 1):
+        assert "stopped by signal 2" in (run_dir / "logs" / f"rank{rank}.log").read_text()
+
+
+# ------------------------------------------------------------------------------------------------- item 9
+def test_a_stalled_peer_ends_the_run_naming_it(tiny_checkpoint, shards, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = launch_cmd(
+        tiny_checkpoint, shards, run_dir, "deepspeed=zero2", "trainer.max_steps=100000", "trainer.save_every=100000",
+        "tracking.mode=disabled", "trainer.collective_timeout_min=0.2",
+    )  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=PROJECT_ROOT, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    metrics, log1 = run_dir / "metrics.jsonl", run_dir / "logs" / "rank1.log"
+    deadline = time.time() + subprocess_timeout(300)
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2 and log1.is_file():
+            break
+        time.sleep(0.02)
+    pid = int(re.search(r"rank 1/2 pid (\d+)", log1.read_text()).group(1))
+    os.kill(pid, signal.SIGSTOP)
+    stalled_at = time.time()
+    try:
+        out, _ = proc.communicate(timeout=subprocess_timeout(120))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    log0 = (run_dir / "logs" / "rank0.log").read_text()
+    assert "CollectiveTimeoutError" in log0 and "stopped answering: rank 1 (silent for" in log0, log0[-3000:]
+    assert time.time() - stalled_at < subprocess_timeout(120)
+
+
+# ------------------------------------------------------------------------------------------------ item 11
+def test_fatal_errors_reach_the_rank_log(tiny_checkpoint, tmp_path):
+    data = _shards_with_nan(
+        tiny_checkpoint,
+        tmp_path / "shards",
+        per_shard=4,
+        bad={(s, k) for s in (0, 1) for k in range(4)} - {(1, 0)},
+    )
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(tiny_checkpoint, data, run_dir, "trainer.max_steps=4", "data.resample=false")
+    with pytest.raises(ValueError, match="samples rejected") as err:
+        run(compose_train(overrides))
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    assert "training stopped by TooManyRejectedError" in log and str(err.value).splitlines()[0] in log
