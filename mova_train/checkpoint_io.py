@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-INDEX_SUFFIX = ".safetensors.index.json"
+from mova_train.names import CONFIG_NAME, INDEX_SUFFIX
 
 _SAFETENSORS_DTYPES = {
     "F64": "float64",
@@ -151,7 +151,7 @@ def save_component(
     config: dict | None,
     weights_name: str,
     num_shards: int = 1,
-    config_name: str = "config.json",
+    config_name: str = CONFIG_NAME,
     metadata: dict[str, str] | None = None,
 ) -> None:
     """Write one component folder: `<weights_name>.safetensors`, or shards + HF-style index, plus its config.

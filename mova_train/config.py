@@ -16,11 +16,10 @@ from typing import Any
 
 from mova_train.data.loader import DataConfig, check_data_config
 from mova_train.lora.config import LoraConfig, as_lora_config
+from mova_train.names import COMPONENTS, EXPERTS
 
-EXPERTS = ("video_dit", "video_dit_2")  # same names as mova_train.models.EXPERTS (checked by a test)
-COMPONENTS = ("video_dit", "video_dit_2", "audio_dit", "dual_tower_bridge")
 DTYPES = ("float32", "bfloat16")
-EXPERT_MODES = ("alternate", "ratio", "only:video_dit", "only:video_dit_2")
+EXPERT_MODES = ("alternate", "ratio", *(f"only:{e}" for e in EXPERTS))
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
 # fp16 is not offered: MOVA is a bf16 model and fp16 would need loss scaling.
 MIXED_PRECISIONS = ("auto", "no", "bf16")

@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from mova_train.names import EXPERTS
+
 DEMO_PROMPT = "a red square bounces across the screen, a click on every bounce"
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,7 +48,7 @@ def plot_losses(metrics: Path, out: Path) -> Path:
     for key, colour in (("loss_video", "tab:blue"), ("loss_audio", "tab:orange")):
         if all(key in r for r in rows):
             ax.plot(steps, [r[key] for r in rows], color=colour, label=key, linewidth=1, alpha=0.8)
-    for expert, marker in (("video_dit", "^"), ("video_dit_2", "v")):
+    for expert, marker in zip(EXPERTS, ("^", "v")):
         pts = [(r["step"], r["loss"]) for r in rows if r.get("expert") == expert]
         if pts:
             ax.scatter(*zip(*pts), marker=marker, s=18, label=f"step on {expert}", zorder=3)

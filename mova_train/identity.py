@@ -17,9 +17,7 @@ import struct
 from pathlib import Path
 
 from mova_train.checkpoint_io import CheckpointError
-
-# The diffusion components an adapter is trained against (the codecs have their own identity).
-DIFFUSION_COMPONENTS = ("video_dit", "video_dit_2", "audio_dit", "dual_tower_bridge")
+from mova_train.names import COMPONENTS
 
 IDENTITY_VERSION = "mova-train-base-v1"
 _SAMPLE_BYTES = 64 * 1024
@@ -51,9 +49,7 @@ def _hash_safetensors_file(h: hashlib._Hash, path: Path) -> None:
             h.update(f.read(_SAMPLE_BYTES))
 
 
-def base_identity(
-    checkpoint_dir: str | os.PathLike, components: tuple[str, ...] = DIFFUSION_COMPONENTS
-) -> str:
+def base_identity(checkpoint_dir: str | os.PathLike, components: tuple[str, ...] = COMPONENTS) -> str:
     """'sha256:<hex>' fingerprint of `components` of a MOVA checkpoint folder (see module docstring).
 
     Keep the default (all four diffusion components) for the identity recorded with adapters: the trainer,

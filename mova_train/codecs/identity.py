@@ -16,14 +16,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from mova_train.checkpoint_io import CheckpointError, list_weight_files, read_json
-from mova_train.codecs.configs import CODEC_COMPONENTS
+from mova_train.names import CODEC_COMPONENTS, COMPONENT_WEIGHTS, CONFIG_NAME, TOKENIZER_DIR
 
 IDENTITY_VERSION = "mova-train codec identity v1"
-WEIGHTS_NAMES = {
-    "video_vae": "diffusion_pytorch_model",
-    "audio_vae": "diffusion_pytorch_model",
-    "text_encoder": "model",
-}
 # Fields that record which library version wrote a config, not what the codec computes.
 VOLATILE_CONFIG_FIELDS = frozenset(
     {"_diffusers_version", "transformers_version", "_name_or_path", "_commit_hash"}
@@ -111,9 +106,9 @@ def codec_identity(checkpoint_dir: str | os.PathLike, components: tuple[str, ...
     for component in sorted(set(components)):
         folder = checkpoint_dir / component
         h.update(f"\ncomponent {component}\n".encode())
-        _hash_config(h, folder / "config.json")
-        _hash_weights(h, folder, WEIGHTS_NAMES[component])
+        _hash_config(h, folder / CONFIG_NAME)
+        _hash_weights(h, folder, COMPONENT_WEIGHTS[component])
         if component == "text_encoder":
             h.update(b"\ntokenizer\n")
-            _hash_folder_files(h, checkpoint_dir / "tokenizer")
+            _hash_folder_files(h, checkpoint_dir / TOKENIZER_DIR)
     return h.hexdigest()

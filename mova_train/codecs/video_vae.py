@@ -17,10 +17,10 @@ from diffusers import AutoencoderKLWan
 
 from mova_train.checkpoint_io import load_module_strict, read_json
 from mova_train.codecs.errors import CodecConfigError, CodecInputError, check_tensor
+from mova_train.names import CONFIG_NAME, WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
 
-VIDEO_VAE_WEIGHTS_NAME = "diffusion_pytorch_model"
 NUM_MASK_CHANNELS = 4  # I2V mask channels: one per pixel frame folded into a latent frame (spec §8)
 # H and W must be multiples of 16: 8 (VAE) x 2 (DiT patch), as the reference pipeline's check_inputs enforces.
 SIZE_MULTIPLE = 16
@@ -88,12 +88,12 @@ def load_wan_vae(
     (tests/test_codecs_meta.py checks this against the manifest), so no key map is needed.
     """
     folder = Path(folder)
-    config = read_json(folder / "config.json")
-    kwargs = video_vae_constructor_kwargs(config, where=str(folder / "config.json"))
+    config = read_json(folder / CONFIG_NAME)
+    kwargs = video_vae_constructor_kwargs(config, where=str(folder / CONFIG_NAME))
     with torch.device("meta"):
         module = AutoencoderKLWan(**kwargs)
     load_module_strict(
-        module, folder, weights_name=VIDEO_VAE_WEIGHTS_NAME, dtype=dtype, device=device, component="video_vae"
+        module, folder, weights_name=WEIGHTS_NAME, dtype=dtype, device=device, component="video_vae"
     )
     return module.eval().requires_grad_(False), config
 

@@ -1,10 +1,9 @@
 """MOVA diffusion model: configs, the video/audio towers and bridge, the dual-tower step, scheduler and loading."""
 
+from ..names import COMPONENTS, EXPERTS
 from .checkpoint import load_mova, read_mova_config, save_mova
 from .config import (
-    COMPONENTS,
     CONFIG_PRESETS,
-    EXPERTS,
     AudioDiTConfig,
     BridgeConfig,
     ConfigError,

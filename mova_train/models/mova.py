@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..names import AUDIO_DIT, BRIDGE, COMPONENTS, EXPERTS
 from .bridge import BridgeConditioner, DualTowerBridge
-from .config import COMPONENTS, EXPERTS, MovaConfig, get_model_config
+from .config import MovaConfig, get_model_config
 from .dit import DiTBlock, Head, WanAudioDiT, WanVideoDiT, run_block
 from .layers import RMSNorm, init_linear_
 from .scheduler import expert_for_timestep
@@ -20,9 +21,9 @@ def build_component(name: str, config: MovaConfig) -> nn.Module:
     """One diffusion component from the config, on the current default device."""
     if name in EXPERTS:
         return WanVideoDiT(config.video_dit)
-    if name == "audio_dit":
+    if name == AUDIO_DIT:
         return WanAudioDiT(config.audio_dit)
-    if name == "dual_tower_bridge":
+    if name == BRIDGE:
         return DualTowerBridge(config.dual_tower_bridge)
     raise ValueError(f"unknown component {name!r}; allowed: {', '.join(COMPONENTS)}")
 
@@ -127,8 +128,8 @@ class MovaModel(nn.Module):
         if expert not in EXPERTS:
             raise ValueError(f"expert must be one of {', '.join(EXPERTS)}, got {expert!r}")
         video_dit = self._component(expert)
-        audio_dit = self._component("audio_dit")
-        bridge = self._component("dual_tower_bridge")
+        audio_dit = self._component(AUDIO_DIT)
+        bridge = self._component(BRIDGE)
         b = video_latents.shape[0]
         device = video_latents.device
         tv = self._timesteps(timestep_video, b, device)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from mova_train.config import PROJECT_ROOT
+from mova_train.names import LOW_NOISE_EXPERT, SHARED_COMPONENTS
 
 
 def add_bench_args(parser: argparse.ArgumentParser) -> None:
@@ -121,7 +122,7 @@ def run_gpu_bench(args: argparse.Namespace, device: str = "cuda", config_name: s
     config = get_model_config(config_name)
     on_cuda = gpu.type == "cuda"
     dtype = torch.bfloat16 if on_cuda else torch.float32
-    components = ("video_dit_2", "audio_dit", "dual_tower_bridge")
+    components = (LOW_NOISE_EXPERT, *SHARED_COMPONENTS)
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(gpu)
     model = build_mova(config, components=components, device=gpu, dtype=dtype, seed=0)
