@@ -13,10 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 from pathlib import Path
 
-from mova_train.checkpoint_io import CheckpointError
+from mova_train.checkpoint_io import CheckpointError, read_safetensors_header
 from mova_train.names import COMPONENTS
 
 IDENTITY_VERSION = "mova-train-base-v1"
@@ -26,18 +25,12 @@ _FULL_HASH_MAX = 256 * 1024 * 1024
 
 
 def _hash_safetensors_file(h: hashlib._Hash, path: Path) -> None:
-    size = path.stat().st_size
+    header = read_safetensors_header(path)  # validated: a truncated or corrupt file raises CheckpointError
+    size, data_start = header.file_size, header.data_start
+    h.update(f"{path.name}:{size}:".encode())
+    h.update(header.raw)
     with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise CheckpointError(f"{path} is not a safetensors file (shorter than 8 bytes)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > size - 8:
-            raise CheckpointError(f"{path} is truncated: header length {n} exceeds the file size {size}")
-        header = f.read(n)
-        h.update(f"{path.name}:{size}:".encode())
-        h.update(header)
-        data_start = 8 + n
+        f.seek(data_start)
         if size <= _FULL_HASH_MAX:
             h.update(f.read())
             return
