@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from mova_train.names import EXPERTS
+from mova_train.names import EXPERTS, MODEL_INDEX_NAME
 
 DEMO_PROMPT = "a red square bounces across the screen, a click on every bounce"
 REPO = Path(__file__).resolve().parent.parent
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         timings["synth"] = _run(
             [py, "-m", "data_tools", "synth", str(raw), "--clips", str(args.clips)], env=env
         )
-    if not (ckpt / "model_index.json").exists():
+    if not (ckpt / MODEL_INDEX_NAME).exists():
         timings["make_tiny"] = _run([py, "-m", "mova_train.make_tiny", str(ckpt)], env=env)
     timings["prepare"] = _run(
         [

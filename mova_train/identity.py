@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from mova_train.checkpoint_io import CheckpointError, read_safetensors_header
-from mova_train.names import COMPONENTS
+from mova_train.names import COMPONENTS, CONFIG_NAME
 
 IDENTITY_VERSION = "mova-train-base-v1"
 _SAMPLE_BYTES = 64 * 1024
@@ -54,9 +54,9 @@ def base_identity(checkpoint_dir: str | os.PathLike, components: tuple[str, ...]
     h = hashlib.sha256(IDENTITY_VERSION.encode())
     for component in sorted(components):
         folder = root / component
-        config_path = folder / "config.json"
+        config_path = folder / CONFIG_NAME
         if not config_path.is_file():
-            raise CheckpointError(f"base checkpoint {root} has no {component}/config.json")
+            raise CheckpointError(f"base checkpoint {root} has no {component}/{CONFIG_NAME}")
         try:
             config = json.loads(config_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
