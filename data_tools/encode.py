@@ -43,6 +43,7 @@ from data_tools.shards import (
     read_journal,
     remove_stale_tmp,
 )
+from mova_train.names import MODEL_INDEX_NAME
 
 OPTIONS_NAME = "options.json"
 # Test hook: kill this process (SIGKILL, like an OOM kill) after writing this many samples in this run.
@@ -416,8 +417,8 @@ def encode(plan_rows: list[dict], opts: EncodeOptions, *, sources: list[dict] | 
     if opts.export_clips:
         ensure_writable_dir(opts.export_clips, what="--export-clips folder")
     ckpt = Path(opts.checkpoint)
-    if not (ckpt / "model_index.json").is_file():
-        raise DataToolsError(f"--checkpoint {ckpt}: not a MOVA checkpoint folder (no model_index.json)")
+    if not (ckpt / MODEL_INDEX_NAME).is_file():
+        raise DataToolsError(f"--checkpoint {ckpt}: not a MOVA checkpoint folder (no {MODEL_INDEX_NAME})")
     kept = [r for r in plan_rows if r.get("status") == "kept"]
     if not kept:
         raise DataToolsError("the clip plan has no kept clips; see its rejection reasons (data_tools report)")

@@ -14,6 +14,7 @@ from data_tools.common import PLAN_NAME, SOURCES_NAME, DataToolsError, ensure_wr
 from data_tools.encode import add_encode_options, distributed_context, encode, options_from_args
 from data_tools.plan import add_plan_options, plan, plan_kwargs, summarize_plan
 from data_tools.scan import add_scan_options, scan, summarize_sources
+from mova_train.names import MODEL_INDEX_NAME
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,9 +30,9 @@ def run(args: argparse.Namespace) -> int:
     kwargs = plan_kwargs(args)
     if not Path(args.input_dir).is_dir():
         raise DataToolsError(f"input folder {args.input_dir} does not exist or is not a folder")
-    if not (Path(args.checkpoint) / "model_index.json").is_file():
+    if not (Path(args.checkpoint) / MODEL_INDEX_NAME).is_file():
         raise DataToolsError(
-            f"--checkpoint {args.checkpoint}: not a MOVA checkpoint folder (no model_index.json)"
+            f"--checkpoint {args.checkpoint}: not a MOVA checkpoint folder (no {MODEL_INDEX_NAME})"
         )
     out = ensure_writable_dir(args.out, what="--out folder")
     if args.export_clips:

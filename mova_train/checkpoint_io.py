@@ -11,13 +11,14 @@ import os
 import struct
 import tempfile
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
-INDEX_SUFFIX = ".safetensors.index.json"
+from mova_train.names import CONFIG_NAME, INDEX_SUFFIX
 
 _SAFETENSORS_DTYPES = {
     "F64": "float64",
@@ -151,7 +152,7 @@ def save_component(
     config: dict | None,
     weights_name: str,
     num_shards: int = 1,
-    config_name: str = "config.json",
+    config_name: str = CONFIG_NAME,
     metadata: dict[str, str] | None = None,
 ) -> None:
     """Write one component folder: `<weights_name>.safetensors`, or shards + HF-style index, plus its config.
@@ -205,8 +206,27 @@ def save_component(
         write_json_atomic(folder / config_name, config)
 
 
-def _read_header(path: Path) -> dict:
-    """Parse a safetensors header without reading tensor data; validate that the file holds all its data."""
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """The header of one safetensors file: parsed, as stored, and where the tensor data starts."""
+
+    path: Path
+    entries: dict  # the parsed JSON: {key: {"dtype", "shape", "data_offsets"}} and maybe "__metadata__"
+    raw: bytes  # the header JSON exactly as stored in the file (after the 8-byte length)
+    file_size: int
+
+    @property
+    def data_start(self) -> int:
+        """Byte offset of the tensor data in the file (data_offsets count from here)."""
+        return 8 + len(self.raw)
+
+
+def read_safetensors_header(path: str | os.PathLike) -> SafetensorsHeader:
+    """Read a safetensors header without reading tensor data; validate that the file holds all its data.
+
+    The one safetensors header parser of the project: every problem raises CheckpointError naming the file.
+    """
+    path = Path(path)
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -218,7 +238,8 @@ def _read_header(path: Path) -> dict:
                 raise CheckpointError(
                     f"{path} is truncated or not a safetensors file (header length {n}, file {size} bytes)"
                 )
-            header = json.loads(f.read(n))
+            raw = f.read(n)
+        header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{path} has a corrupt safetensors header") from None
     except OSError as e:
@@ -238,7 +259,7 @@ def _read_header(path: Path) -> dict:
             f"{path} is truncated: its header describes {8 + n + end} bytes but the file has {size} "
             "(an interrupted download? re-download this file)"
         )
-    return header
+    return SafetensorsHeader(path=path, entries=header, raw=raw, file_size=size)
 
 
 def list_weight_files(folder: str | os.PathLike, *, weights_name: str) -> dict[str, list[str]]:
@@ -275,7 +296,7 @@ def read_component_header(
     folder = Path(folder)
     out: dict[str, tuple[tuple[int, ...], str]] = {}
     for name, listed in list_weight_files(folder, weights_name=weights_name).items():
-        header = _read_header(folder / name)
+        header = read_safetensors_header(folder / name).entries
         keys = {k for k in header if k != "__metadata__"}
         if listed and set(listed) != keys:
             missing = sorted(set(listed) - keys)
@@ -299,7 +320,7 @@ def _key_files(folder: Path, weights_name: str) -> dict[str, str]:
     files = list_weight_files(folder, weights_name=weights_name)
     out: dict[str, str] = {}
     for name in files:
-        for k in _read_header(folder / name):
+        for k in read_safetensors_header(folder / name).entries:
             if k != "__metadata__":
                 out[k] = name
     return out

@@ -16,11 +16,10 @@ from typing import Any
 
 from mova_train.data.loader import DataConfig, check_data_config, resolve_shards
 from mova_train.lora.config import LoraConfig, as_lora_config
+from mova_train.names import COMPONENTS, EXPERTS, MODEL_INDEX_NAME
 
-EXPERTS = ("video_dit", "video_dit_2")  # same names as mova_train.models.EXPERTS (checked by a test)
-COMPONENTS = ("video_dit", "video_dit_2", "audio_dit", "dual_tower_bridge")
 DTYPES = ("float32", "bfloat16")
-EXPERT_MODES = ("alternate", "ratio", "only:video_dit", "only:video_dit_2")
+EXPERT_MODES = ("alternate", "ratio", *(f"only:{e}" for e in EXPERTS))
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
 # fp16 is not offered: MOVA is a bf16 model and fp16 would need loss scaling.
 MIXED_PRECISIONS = ("auto", "no", "bf16")
@@ -271,8 +270,8 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
             "model.checkpoint is not set: pass model.checkpoint=DIR (a MOVA checkpoint folder)"
         )
     ckpt = resolve_path(m.checkpoint, field_name="model.checkpoint")
-    if not (ckpt / "model_index.json").is_file():
-        raise ConfigValueError(f"model.checkpoint={m.checkpoint!r}: {ckpt} has no model_index.json")
+    if not (ckpt / MODEL_INDEX_NAME).is_file():
+        raise ConfigValueError(f"model.checkpoint={m.checkpoint!r}: {ckpt} has no {MODEL_INDEX_NAME}")
     _check_choice("model.dtype", m.dtype, DTYPES)
     if not isinstance(m.activation_checkpointing, bool):
         _fail("model.activation_checkpointing", m.activation_checkpointing, "expected true or false")

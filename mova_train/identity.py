@@ -13,13 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 from pathlib import Path
 
-from mova_train.checkpoint_io import CheckpointError
-
-# The diffusion components an adapter is trained against (the codecs have their own identity).
-DIFFUSION_COMPONENTS = ("video_dit", "video_dit_2", "audio_dit", "dual_tower_bridge")
+from mova_train.checkpoint_io import CheckpointError, read_safetensors_header
+from mova_train.names import COMPONENTS, CONFIG_NAME
 
 IDENTITY_VERSION = "mova-train-base-v1"
 _SAMPLE_BYTES = 64 * 1024
@@ -28,18 +25,12 @@ _FULL_HASH_MAX = 256 * 1024 * 1024
 
 
 def _hash_safetensors_file(h: hashlib._Hash, path: Path) -> None:
-    size = path.stat().st_size
+    header = read_safetensors_header(path)  # validated: a truncated or corrupt file raises CheckpointError
+    size, data_start = header.file_size, header.data_start
+    h.update(f"{path.name}:{size}:".encode())
+    h.update(header.raw)
     with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise CheckpointError(f"{path} is not a safetensors file (shorter than 8 bytes)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > size - 8:
-            raise CheckpointError(f"{path} is truncated: header length {n} exceeds the file size {size}")
-        header = f.read(n)
-        h.update(f"{path.name}:{size}:".encode())
-        h.update(header)
-        data_start = 8 + n
+        f.seek(data_start)
         if size <= _FULL_HASH_MAX:
             h.update(f.read())
             return
@@ -51,9 +42,7 @@ def _hash_safetensors_file(h: hashlib._Hash, path: Path) -> None:
             h.update(f.read(_SAMPLE_BYTES))
 
 
-def base_identity(
-    checkpoint_dir: str | os.PathLike, components: tuple[str, ...] = DIFFUSION_COMPONENTS
-) -> str:
+def base_identity(checkpoint_dir: str | os.PathLike, components: tuple[str, ...] = COMPONENTS) -> str:
     """'sha256:<hex>' fingerprint of `components` of a MOVA checkpoint folder (see module docstring).
 
     Keep the default (all four diffusion components) for the identity recorded with adapters: the trainer,
@@ -65,9 +54,9 @@ def base_identity(
     h = hashlib.sha256(IDENTITY_VERSION.encode())
     for component in sorted(components):
         folder = root / component
-        config_path = folder / "config.json"
+        config_path = folder / CONFIG_NAME
         if not config_path.is_file():
-            raise CheckpointError(f"base checkpoint {root} has no {component}/config.json")
+            raise CheckpointError(f"base checkpoint {root} has no {component}/{CONFIG_NAME}")
         try:
             config = json.loads(config_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:

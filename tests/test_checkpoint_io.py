@@ -9,14 +9,15 @@ from torch import nn
 
 from mova_train.checkpoint_io import (
     CheckpointError,
+    encode_safetensors,
     load_component_state,
     load_module_strict,
     read_component_header,
     read_json,
+    read_safetensors_header,
     save_component,
 )
-
-NAME = "diffusion_pytorch_model"
+from mova_train.names import WEIGHTS_NAME as NAME
 
 
 def _net():
@@ -92,6 +93,20 @@ def test_truncated_shard_and_missing_shard(tmp_path):
     shard.unlink()
     with pytest.raises(CheckpointError, match="missing shard file .*00002-of-00002"):
         read_component_header(tmp_path, weights_name=NAME)
+
+
+def test_header_reader_gives_the_stored_bytes_and_the_data_offset(tmp_path):
+    path = tmp_path / "t.safetensors"
+    data = encode_safetensors({"x": torch.arange(6.0).reshape(2, 3), "y": torch.ones(2)}, {"k": "v"})
+    path.write_bytes(data)
+    header = read_safetensors_header(path)
+    n = int.from_bytes(data[:8], "little")
+    assert header.raw == data[8 : 8 + n] and header.data_start == 8 + n and header.file_size == len(data)
+    assert header.entries == json.loads(header.raw)
+    assert header.entries["__metadata__"] == {"k": "v"} and header.entries["x"]["shape"] == [2, 3]
+    path.write_bytes(data[:-1])
+    with pytest.raises(CheckpointError, match="truncated"):
+        read_safetensors_header(path)
 
 
 def test_garbage_file_and_missing_folder(tmp_path):

@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 from mova_train.checkpoint_io import CheckpointError, read_json, save_component
 from mova_train.codecs import CodecInputError, load_codecs
 from mova_train.codecs.dac import (
-    DAC_WEIGHTS_NAME,
     DacConfig,
     ResidualUnit,
     Snake1d,
@@ -22,6 +21,7 @@ from mova_train.codecs.dac import (
 )
 from mova_train.codecs.errors import CodecConfigError
 from mova_train.codecs.tiny import write_tiny_codecs
+from mova_train.names import WEIGHTS_NAME
 
 
 @pytest.fixture(scope="module")
@@ -172,10 +172,10 @@ def _weight_norm_state(fused: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 def test_weight_norm_layout_loads_to_the_same_codec(tiny_dir, tmp_path, audio_vae):
     src = tiny_dir / "audio_vae"
-    fused = load_file(str(src / f"{DAC_WEIGHTS_NAME}.safetensors"))
+    fused = load_file(str(src / f"{WEIGHTS_NAME}.safetensors"))
     config = {**read_json(src / "config.json"), "use_weight_norm": True}
     save_component(
-        tmp_path / "audio_vae", _weight_norm_state(fused), config=config, weights_name=DAC_WEIGHTS_NAME
+        tmp_path / "audio_vae", _weight_norm_state(fused), config=config, weights_name=WEIGHTS_NAME
     )
     reloaded = load_dac(tmp_path / "audio_vae")
     for k, v in audio_vae.module.state_dict().items():
@@ -184,11 +184,11 @@ def test_weight_norm_layout_loads_to_the_same_codec(tiny_dir, tmp_path, audio_va
 
 def test_strict_loading_errors(tiny_dir, tmp_path):
     src = tiny_dir / "audio_vae"
-    fused = load_file(str(src / f"{DAC_WEIGHTS_NAME}.safetensors"))
+    fused = load_file(str(src / f"{WEIGHTS_NAME}.safetensors"))
     config = read_json(src / "config.json")
 
     def write(state, name):
-        save_component(tmp_path / name, state, config=config, weights_name=DAC_WEIGHTS_NAME)
+        save_component(tmp_path / name, state, config=config, weights_name=WEIGHTS_NAME)
         return tmp_path / name
 
     missing = dict(fused)

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from mova_train.checkpoint_io import CheckpointError, load_component_state, read_json, save_component
-from mova_train.codecs import CODEC_COMPONENTS, CodecConfigError, codec_identity, load_codecs
+from mova_train.codecs import CodecConfigError, codec_identity, load_codecs
 from mova_train.codecs.tiny import write_tiny_codecs
+from mova_train.names import CODEC_COMPONENTS
 
 
 @pytest.fixture(scope="module")

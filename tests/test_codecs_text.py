@@ -12,11 +12,11 @@ from mova_train.codecs import CodecInputError, load_codecs
 from mova_train.codecs.text_encoder import (
     EMBED_KEY,
     SHARED_KEY,
-    TEXT_ENCODER_WEIGHTS_NAME,
     load_umt5,
     prompt_clean,
 )
 from mova_train.codecs.tiny import write_tiny_codecs
+from mova_train.names import TEXT_ENCODER_WEIGHTS_NAME
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from mova_train.lora import (
-    LORA_COMPONENTS,
     PRESETS,
     LoraConfig,
     LoraError,
@@ -23,7 +22,7 @@ from mova_train.lora import (
     validate_lora_config,
 )
 from mova_train.lora.presets import summarize_paths
-from mova_train.models import COMPONENTS, build_mova, get_model_config
+from mova_train.models import build_mova, get_model_config
 
 SPEC = Path(__file__).parent / "fixtures" / "mova_spec"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -59,10 +58,6 @@ def meta_360p():
 @pytest.fixture(scope="module")
 def tiny_model():
     return build_mova(get_model_config("tiny"), device="cpu", seed=0)
-
-
-def test_components_match_the_model_package():
-    assert tuple(LORA_COMPONENTS) == tuple(COMPONENTS)
 
 
 def test_presets_resolve_to_exact_paths_at_full_size(meta_360p):

@@ -3,11 +3,10 @@ matching the live PEFT model, and clear errors for an adapter of another base or
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
+from mova_train.checkpoint_io import read_safetensors_header
 from mova_train.lora import (
     LoraConfig,
     apply_lora,
@@ -114,9 +113,7 @@ def test_adapter_with_a_broken_rank_is_refused(tiny_checkpoint, adapter_dir, tmp
     broken = tmp_path / "broken"
     broken.mkdir()
     source = adapter_dir / "adapters.safetensors"
-    with open(source, "rb") as f:  # keep the metadata, change one tensor's rank
-        header_len = int.from_bytes(f.read(8), "little")
-        metadata = json.loads(f.read(header_len))["__metadata__"]
+    metadata = read_safetensors_header(source).entries["__metadata__"]  # keep the metadata, change one rank
     state = load_file(source)
     key = next(k for k in state if k.endswith("lora_A.weight"))
     state[key] = state[key][:2].contiguous()

@@ -23,8 +23,9 @@ from mova_train.bench.common import (
 from mova_train.models.config import get_model_config, num_tokens
 from mova_train.models.flops import step_flops
 from mova_train.models.mova import build_mova, set_activation_checkpointing
+from mova_train.names import HIGH_NOISE_EXPERT, SHARED_COMPONENTS
 
-BENCH_COMPONENTS = ("video_dit", "audio_dit", "dual_tower_bridge")
+BENCH_COMPONENTS = (HIGH_NOISE_EXPERT, *SHARED_COMPONENTS)
 
 
 def add_bench_args(parser: argparse.ArgumentParser) -> None:
@@ -70,10 +71,10 @@ def _measure(model, inputs: dict, steps: int, warmup: int, device: torch.device)
 
     def forward():
         with torch.no_grad():
-            model(**inputs, expert="video_dit")
+            model(**inputs, expert=HIGH_NOISE_EXPERT)
 
     def train_step():
-        pred_v, pred_a = model(**inputs, expert="video_dit")
+        pred_v, pred_a = model(**inputs, expert=HIGH_NOISE_EXPERT)
         loss = pred_v.float().square().mean() + pred_a.float().square().mean()
         loss.backward()
         inputs["video_latents"].grad = None

@@ -24,6 +24,7 @@ from mova_train.lora import apply_lora, lora_config_from_name
 from mova_train.models import FlowMatchScheduler, build_mova, get_model_config, set_activation_checkpointing
 from mova_train.models.flops import step_flops
 from mova_train.models.tiny import write_tiny_checkpoint
+from mova_train.names import LOW_NOISE_EXPERT, SHARED_COMPONENTS
 from mova_train.training.objective import FlowMatchingObjective
 from mova_train.training.optim import build_optimizer, set_step_hyperparams
 from mova_train.training.synthetic import write_random_shards_for
@@ -99,7 +100,7 @@ def run_gpu_bench(args: argparse.Namespace, device: str = "cuda", config_name: s
     config = get_model_config(config_name)
     on_cuda = gpu.type == "cuda"
     dtype = torch.bfloat16 if on_cuda else torch.float32
-    components = ("video_dit_2", "audio_dit", "dual_tower_bridge")
+    components = (LOW_NOISE_EXPERT, *SHARED_COMPONENTS)
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(gpu)
     model = build_mova(config, components=components, device=gpu, dtype=dtype, seed=0)

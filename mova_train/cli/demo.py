@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from mova_train.media import read_mp4
+from mova_train.names import EXPERTS, MODEL_INDEX_NAME
 
 DEMO_PROMPT = "a red square bounces across the screen, a click on every bounce"
 REPO = Path(__file__).resolve().parents[2]  # mova_train/cli/demo.py -> the repository root
@@ -48,7 +49,7 @@ def plot_losses(metrics: Path, out: Path) -> Path:
     for key, colour in (("loss_video", "tab:blue"), ("loss_audio", "tab:orange")):
         if all(key in r for r in rows):
             ax.plot(steps, [r[key] for r in rows], color=colour, label=key, linewidth=1, alpha=0.8)
-    for expert, marker in (("video_dit", "^"), ("video_dit_2", "v")):
+    for expert, marker in zip(EXPERTS, ("^", "v")):
         pts = [(r["step"], r["loss"]) for r in rows if r.get("expert") == expert]
         if pts:
             ax.scatter(*zip(*pts), marker=marker, s=18, label=f"step on {expert}", zorder=3)
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         timings["synth"] = _run(
             [py, "-m", "data_tools", "synth", str(raw), "--clips", str(args.clips)], env=env
         )
-    if not (ckpt / "model_index.json").exists():
+    if not (ckpt / MODEL_INDEX_NAME).exists():
         timings["make_tiny"] = _run([py, "-m", "mova_train.cli.make_tiny", str(ckpt)], env=env)
     timings["prepare"] = _run(
         [

@@ -18,17 +18,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from mova_train.names import COMPONENT_WEIGHTS, COMPONENTS, MODEL_INDEX_NAME
+
 OK, WARN, FAIL, INFO = "ok", "warn", "FAIL", "info"
-DIFFUSION_WEIGHTS = "diffusion_pytorch_model"
-COMPONENT_WEIGHTS = {
-    "video_dit": DIFFUSION_WEIGHTS,
-    "video_dit_2": DIFFUSION_WEIGHTS,
-    "audio_dit": DIFFUSION_WEIGHTS,
-    "dual_tower_bridge": DIFFUSION_WEIGHTS,
-    "video_vae": DIFFUSION_WEIGHTS,
-    "audio_vae": DIFFUSION_WEIGHTS,
-    "text_encoder": "model",
-}
 # Free disk we want for a run directory: adapters are small, but optimizer state and renders add up.
 MIN_FREE_DISK_GB = 5.0
 
@@ -110,8 +102,10 @@ def check_checkpoint(checkpoint: Path) -> tuple[list[Check], str | None]:
     if not checkpoint.is_dir():
         return [Check(FAIL, "checkpoint", f"{checkpoint} is not a folder")], None
     try:
-        index = read_json(checkpoint / "model_index.json")
-        out.append(Check(OK, "checkpoint", f"model_index.json: boundary_ratio {index.get('boundary_ratio')}"))
+        index = read_json(checkpoint / MODEL_INDEX_NAME)
+        out.append(
+            Check(OK, "checkpoint", f"{MODEL_INDEX_NAME}: boundary_ratio {index.get('boundary_ratio')}")
+        )
     except CheckpointError as e:
         return [Check(FAIL, "checkpoint", str(e))], None
     expected = _expected_shapes(checkpoint, out)
@@ -152,7 +146,7 @@ def check_checkpoint(checkpoint: Path) -> tuple[list[Check], str | None]:
 def _expected_shapes(checkpoint: Path, out: list[Check]) -> dict[str, dict[str, tuple[int, ...]]]:
     """Build the diffusion components from their config.json on `meta` and list their parameter shapes."""
     try:
-        from mova_train.models import COMPONENTS, build_mova, read_mova_config
+        from mova_train.models import build_mova, read_mova_config
     except ImportError as e:
         out.append(Check(WARN, "checkpoint", f"model code unavailable, keys not checked: {e}"))
         return {}

@@ -14,15 +14,15 @@ import torch
 from torch import nn
 
 from mova_train.checkpoint_io import CheckpointError, read_json
-from mova_train.codecs.configs import CODEC_COMPONENTS, CONFIG_NAMES, get_codec_config
+from mova_train.codecs.configs import CONFIG_NAMES, get_codec_config
 from mova_train.codecs.dac import AudioVAE, DacConfig, build_dac, load_dac
 from mova_train.codecs.errors import CodecConfigError, CodecInputError
 from mova_train.codecs.identity import codec_identity
 from mova_train.codecs.text_encoder import TEXT_LEN, TextEncoder, build_text_encoder_module, load_text_encoder
 from mova_train.codecs.video_vae import VideoVAE, build_i2v_condition, build_video_vae_module, load_wan_vae
+from mova_train.names import CODEC_COMPONENTS, MODEL_INDEX_NAME, TOKENIZER_DIR
 
 __all__ = [
-    "CODEC_COMPONENTS",
     "TEXT_LEN",
     "AudioVAE",
     "CodecConfigError",
@@ -127,7 +127,7 @@ def load_codecs(
     if not checkpoint_dir.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {checkpoint_dir}")
     components = _check_components(components)
-    index_path = checkpoint_dir / "model_index.json"
+    index_path = checkpoint_dir / MODEL_INDEX_NAME
     if index_path.is_file():
         audio_type = read_json(index_path).get("audio_vae_type", "dac")
         if "audio_vae" in components and audio_type != "dac":
@@ -142,7 +142,7 @@ def load_codecs(
         )
     if "text_encoder" in components:
         codecs.text_encoder, _ = load_text_encoder(
-            checkpoint_dir / "text_encoder", checkpoint_dir / "tokenizer", dtype=dtype, device=device
+            checkpoint_dir / "text_encoder", checkpoint_dir / TOKENIZER_DIR, dtype=dtype, device=device
         )
     return codecs
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import copy
 
 from mova_train.codecs.errors import CodecConfigError
+from mova_train.names import CODEC_COMPONENTS
 
-CODEC_COMPONENTS = ("video_vae", "audio_vae", "text_encoder")
 CONFIG_NAMES = ("tiny", "mova_360p", "mova_720p")
 
 # Wan2.1 VAE latent statistics (spec §2.1); MOVA normalises z_n = (z - mean) / std per channel.

@@ -26,10 +26,10 @@ from mova_train.checkpoint_io import (
     read_json,
 )
 from mova_train.codecs.errors import CodecConfigError, check_tensor
+from mova_train.names import CONFIG_NAME, WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
 
-DAC_WEIGHTS_NAME = "diffusion_pytorch_model"
 # Fields of the released config that exist for the (unused) residual quantiser or for provenance.
 _IGNORED_FIELDS = {"n_codebooks", "codebook_size", "codebook_dim", "quantizer_dropout", "_class_name"}
 _REQUIRED_FIELDS = (
@@ -288,14 +288,14 @@ def load_dac(
 ) -> DAC:
     """Build from `folder/config.json` on meta and fill strictly from the safetensors (either layout)."""
     folder = Path(folder)
-    config = DacConfig.from_dict(read_json(folder / "config.json"), where=f"{folder / 'config.json'}")
+    config = DacConfig.from_dict(read_json(folder / CONFIG_NAME), where=f"{folder / CONFIG_NAME}")
     with torch.device("meta"):
         module = build_dac(config)
-    header = read_component_header(folder, weights_name=DAC_WEIGHTS_NAME)
+    header = read_component_header(folder, weights_name=WEIGHTS_NAME)
     if any(k.endswith((".weight_g", ".weight_v")) for k in header):
         state = load_component_state(
             folder,
-            weights_name=DAC_WEIGHTS_NAME,
+            weights_name=WEIGHTS_NAME,
             expected=weight_norm_layout(module),
             device=device,
             component="audio_vae (weight-norm layout)",
@@ -305,7 +305,7 @@ def load_dac(
         module.load_state_dict({k: v.to(dtype) for k, v in fused.items()}, strict=True, assign=True)
     else:
         load_module_strict(
-            module, folder, weights_name=DAC_WEIGHTS_NAME, dtype=dtype, device=device, component="audio_vae"
+            module, folder, weights_name=WEIGHTS_NAME, dtype=dtype, device=device, component="audio_vae"
         )
     return module.eval().requires_grad_(False)
 

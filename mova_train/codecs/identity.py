@@ -11,19 +11,13 @@ import contextlib
 import hashlib
 import json
 import os
-import struct
 from pathlib import Path
 from typing import BinaryIO
 
-from mova_train.checkpoint_io import CheckpointError, list_weight_files, read_json
-from mova_train.codecs.configs import CODEC_COMPONENTS
+from mova_train.checkpoint_io import CheckpointError, list_weight_files, read_json, read_safetensors_header
+from mova_train.names import CODEC_COMPONENTS, COMPONENT_WEIGHTS, CONFIG_NAME, TOKENIZER_DIR
 
 IDENTITY_VERSION = "mova-train codec identity v1"
-WEIGHTS_NAMES = {
-    "video_vae": "diffusion_pytorch_model",
-    "audio_vae": "diffusion_pytorch_model",
-    "text_encoder": "model",
-}
 # Fields that record which library version wrote a config, not what the codec computes.
 VOLATILE_CONFIG_FIELDS = frozenset(
     {"_diffusers_version", "transformers_version", "_name_or_path", "_commit_hash"}
@@ -33,23 +27,13 @@ _CHUNK = 16 << 20
 
 def _tensor_spans(path: Path) -> dict[str, tuple[str, list[int], int, int]]:
     """`{key: (dtype, shape, begin, end)}` with absolute byte offsets into `path`, validated against its size."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CheckpointError(f"{path} is truncated or not a safetensors file")
-        (n,) = struct.unpack("<Q", raw)
-        if 8 + n > size:
-            raise CheckpointError(f"{path} is truncated (header length {n}, file {size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{path} has a corrupt safetensors header") from None
+    header = read_safetensors_header(path)
+    size = header.file_size
     spans = {}
-    for key, entry in header.items():
+    for key, entry in header.entries.items():
         if key == "__metadata__":
             continue
-        begin, end = (8 + n + int(o) for o in entry["data_offsets"])
+        begin, end = (header.data_start + int(o) for o in entry["data_offsets"])
         if end > size or begin > end:
             raise CheckpointError(f"{path} is truncated: tensor {key!r} ends at byte {end}, file has {size}")
         spans[key] = (entry["dtype"], list(entry["shape"]), begin, end)
@@ -111,9 +95,9 @@ def codec_identity(checkpoint_dir: str | os.PathLike, components: tuple[str, ...
     for component in sorted(set(components)):
         folder = checkpoint_dir / component
         h.update(f"\ncomponent {component}\n".encode())
-        _hash_config(h, folder / "config.json")
-        _hash_weights(h, folder, WEIGHTS_NAMES[component])
+        _hash_config(h, folder / CONFIG_NAME)
+        _hash_weights(h, folder, COMPONENT_WEIGHTS[component])
         if component == "text_encoder":
             h.update(b"\ntokenizer\n")
-            _hash_folder_files(h, checkpoint_dir / "tokenizer")
+            _hash_folder_files(h, checkpoint_dir / TOKENIZER_DIR)
     return h.hexdigest()

@@ -17,12 +17,12 @@ from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
 
 from mova_train.checkpoint_io import CheckpointError, load_module_strict, read_component_header, read_json
 from mova_train.codecs.errors import CodecConfigError, CodecInputError
+from mova_train.names import CONFIG_NAME, TEXT_ENCODER_WEIGHTS_NAME
 from mova_train.upstream import build_umt5_encoder, load_t5_tokenizer
 
 logger = logging.getLogger(__name__)
 
 TEXT_LEN = 512  # tokens per prompt, padded/truncated (spec §9)
-TEXT_ENCODER_WEIGHTS_NAME = "model"
 # The encoder's embedding is one tensor under two names; a checkpoint may store either or both.
 SHARED_KEY = "shared.weight"
 EMBED_KEY = "encoder.embed_tokens.weight"
@@ -61,8 +61,8 @@ def load_umt5(
     equal. Either way the two names end up as one tensor, as in the model.
     """
     folder = Path(folder)
-    config = read_json(folder / "config.json")
-    cfg = umt5_config_from_dict(config, where=str(folder / "config.json"))
+    config = read_json(folder / CONFIG_NAME)
+    cfg = umt5_config_from_dict(config, where=str(folder / CONFIG_NAME))
     with torch.device("meta"):
         module = build_umt5_encoder(cfg)
     header = read_component_header(folder, weights_name=TEXT_ENCODER_WEIGHTS_NAME)

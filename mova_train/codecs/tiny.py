@@ -22,14 +22,10 @@ from transformers import T5TokenizerFast
 
 from mova_train.checkpoint_io import save_component
 from mova_train.codecs.configs import TINY_VOCAB_SIZE, get_codec_config
-from mova_train.codecs.dac import DAC_WEIGHTS_NAME, DacConfig, build_dac
-from mova_train.codecs.text_encoder import (
-    EMBED_KEY,
-    TEXT_ENCODER_WEIGHTS_NAME,
-    TEXT_LEN,
-    build_text_encoder_module,
-)
-from mova_train.codecs.video_vae import VIDEO_VAE_WEIGHTS_NAME, build_video_vae_module
+from mova_train.codecs.dac import DacConfig, build_dac
+from mova_train.codecs.text_encoder import EMBED_KEY, TEXT_LEN, build_text_encoder_module
+from mova_train.codecs.video_vae import build_video_vae_module
+from mova_train.names import TEXT_ENCODER_WEIGHTS_NAME, TOKENIZER_DIR, WEIGHTS_NAME
 from mova_train.upstream import t5_tokenizer_from_vocab
 
 # The tiny tokenizer's vocabulary is counted from these caption-like sentences (the kind MOVA is prompted with).
@@ -124,9 +120,9 @@ def write_tiny_codecs(out_dir: Path, seed: int) -> None:
         out_dir / "video_vae",
         video.state_dict(),
         config={**video_cfg, "_diffusers_version": diffusers.__version__},
-        weights_name=VIDEO_VAE_WEIGHTS_NAME,
+        weights_name=WEIGHTS_NAME,
     )
-    save_component(out_dir / "audio_vae", audio.state_dict(), config=audio_cfg, weights_name=DAC_WEIGHTS_NAME)
+    save_component(out_dir / "audio_vae", audio.state_dict(), config=audio_cfg, weights_name=WEIGHTS_NAME)
     # Like transformers' save_pretrained, store the tied embedding once, as shared.weight.
     text_state = {k: v for k, v in text.state_dict().items() if k != EMBED_KEY}
     save_component(
@@ -139,7 +135,7 @@ def write_tiny_codecs(out_dir: Path, seed: int) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=out_dir))
     try:
         build_tiny_tokenizer().save_pretrained(str(tmp))
-        _replace_dir(tmp, out_dir / "tokenizer")
+        _replace_dir(tmp, out_dir / TOKENIZER_DIR)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

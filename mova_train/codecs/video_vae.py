@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKLWan
 
+from mova_train import models
 from mova_train.checkpoint_io import load_module_strict, read_json
 from mova_train.codecs.errors import CodecConfigError, CodecInputError, check_tensor
+from mova_train.names import CONFIG_NAME, WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
 
-VIDEO_VAE_WEIGHTS_NAME = "diffusion_pytorch_model"
-NUM_MASK_CHANNELS = 4  # I2V mask channels: one per pixel frame folded into a latent frame (spec §8)
 # H and W must be multiples of 16: 8 (VAE) x 2 (DiT patch), as the reference pipeline's check_inputs enforces.
 SIZE_MULTIPLE = 16
 # Released config fields that are read by the pipeline, not by the AutoencoderKLWan constructor in every version.
@@ -88,25 +88,25 @@ def load_wan_vae(
     (tests/test_codecs_meta.py checks this against the manifest), so no key map is needed.
     """
     folder = Path(folder)
-    config = read_json(folder / "config.json")
-    kwargs = video_vae_constructor_kwargs(config, where=str(folder / "config.json"))
+    config = read_json(folder / CONFIG_NAME)
+    kwargs = video_vae_constructor_kwargs(config, where=str(folder / CONFIG_NAME))
     with torch.device("meta"):
         module = AutoencoderKLWan(**kwargs)
     load_module_strict(
-        module, folder, weights_name=VIDEO_VAE_WEIGHTS_NAME, dtype=dtype, device=device, component="video_vae"
+        module, folder, weights_name=WEIGHTS_NAME, dtype=dtype, device=device, component="video_vae"
     )
     return module.eval().requires_grad_(False), config
 
 
 def build_i2v_condition(cond_latent: torch.Tensor) -> torch.Tensor:
-    """y = [mask(4) ‖ cond_latent(16)] -> [B, 20, T, h, w] (spec §8): mask is 1 on latent frame 0, else 0."""
+    """y = [mask(4) ‖ cond_latent(16)] -> [B, 20, T, h, w] (spec §8): mask is 1 on latent frame 0, else 0.
+
+    Checks `cond_latent` (CodecInputError), then builds y with `mova_train.models.build_i2v_condition`.
+    """
     check_tensor(
         cond_latent, where="build_i2v_condition", name="cond_latent", ndim=5, layout="[B, 16, T, h, w]"
     )
-    b, _, t, h, w = cond_latent.shape
-    mask = torch.zeros(b, NUM_MASK_CHANNELS, t, h, w, dtype=cond_latent.dtype, device=cond_latent.device)
-    mask[:, :, 0] = 1.0
-    return torch.cat([mask, cond_latent], dim=1)
+    return models.build_i2v_condition(cond_latent)
 
 
 class VideoVAE:

@@ -17,7 +17,6 @@ from .adapters import (
 )
 from .config import (
     INIT_OPTIONS,
-    LORA_COMPONENTS,
     LoraConfig,
     LoraError,
     as_lora_config,
@@ -48,7 +47,6 @@ __all__ = [
     "ADAPTER_WEIGHTS",
     "DEFAULT_ADAPTER",
     "INIT_OPTIONS",
-    "LORA_COMPONENTS",
     "META_BASE_IDENTITY",
     "META_STEP",
     "META_TRAINING_CONFIG",

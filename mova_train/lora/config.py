@@ -11,9 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-# The diffusion components that can carry adapters; the same names as mova_train.models.COMPONENTS
-# (checked by a test) — duplicated here so the config schema imports nothing heavy.
-LORA_COMPONENTS = ("video_dit", "video_dit_2", "audio_dit", "dual_tower_bridge")
+from mova_train.names import COMPONENTS
 
 # Our name -> PEFT `init_lora_weights` value. Only initialisations that leave the base weights untouched and
 # make the adapter a no-op at step 0 are offered: PiSSA/OLoRA/CorDA rewrite the base weight (the base would
@@ -60,12 +58,12 @@ def validate_lora_config(cfg: LoraConfig) -> LoraConfig:
     if not isinstance(cfg.targets, dict) or not cfg.targets:
         raise LoraError(
             "lora.targets is empty: map at least one component to preset names, e.g. "
-            "{audio_dit: [self_attn]}; components: " + ", ".join(LORA_COMPONENTS)
+            "{audio_dit: [self_attn]}; components: " + ", ".join(COMPONENTS)
         )
     for component, presets in cfg.targets.items():
-        if component not in LORA_COMPONENTS:
+        if component not in COMPONENTS:
             raise LoraError(
-                f"lora.targets: unknown component {component!r}; allowed: {', '.join(LORA_COMPONENTS)}"
+                f"lora.targets: unknown component {component!r}; allowed: {', '.join(COMPONENTS)}"
             )
         if isinstance(presets, str) or not presets:
             raise LoraError(

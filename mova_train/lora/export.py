@@ -35,11 +35,11 @@ from mova_train.lora.adapters import (
 from mova_train.lora.config import LoraConfig, LoraError, lora_config_from_dict
 from mova_train.lora.inject import extract_lora_state, parse_canonical_key
 from mova_train.lora.safetensors_io import read_safetensors, write_json, write_safetensors
+from mova_train.names import WEIGHTS_NAME, adapter_key
 
 log = logging.getLogger(__name__)
 
 EXPORT_FORMATS = ("peft", "mova", "comfyui", "merged")
-WEIGHTS_NAME = "diffusion_pytorch_model"  # the diffusion components' weight file stem in the released layout
 EXPORT_RECORD = "mova_train_export.json"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -335,8 +335,8 @@ def _merge_component(
                 f"the adapter targets {component}.{path}, but {folder} has no {key} (adapter for another base?)"
             )
         shape = tuple(header[key][0])
-        a = state[f"{component}.{path}.lora_A.weight"]
-        b = state[f"{component}.{path}.lora_B.weight"]
+        a = state[adapter_key(component, path, "lora_A")]
+        b = state[adapter_key(component, path, "lora_B")]
         if shape != (b.shape[0], a.shape[1]):
             raise ExportError(
                 f"{component}.{path}: base weight {list(shape)} does not fit lora_B {list(b.shape)} @ lora_A "
@@ -351,11 +351,11 @@ def _merge_component(
         tensors, file_meta = read_safetensors(entry)
         for key in sorted(set(tensors) & set(by_weight)):
             path = by_weight[key]
-            magnitude = state.get(f"{component}.{path}.lora_magnitude_vector.weight")
+            magnitude = state.get(adapter_key(component, path, "lora_magnitude_vector"))
             tensors[key] = _merge_weight(
                 tensors[key],
-                state[f"{component}.{path}.lora_A.weight"],
-                state[f"{component}.{path}.lora_B.weight"],
+                state[adapter_key(component, path, "lora_A")],
+                state[adapter_key(component, path, "lora_B")],
                 magnitude,
                 factor,
             )

@@ -8,7 +8,6 @@ Each component (`video_dit`, `video_dit_2`, `audio_dit`, `dual_tower_bridge`) ge
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Iterable
 
@@ -18,30 +17,20 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 
-from mova_train.lora.config import INIT_OPTIONS, LORA_COMPONENTS, LoraConfig, LoraError, as_lora_config
+from mova_train.lora.config import INIT_OPTIONS, LoraConfig, LoraError, as_lora_config
 from mova_train.lora.presets import get_component, resolve_targets
+from mova_train.names import ADAPTER_KEY_RE, COMPONENTS, LORA_PARTS, PEFT_KEY_RE, adapter_key
 
 DEFAULT_ADAPTER = "default"
-LORA_PARTS = ("lora_A", "lora_B", "lora_magnitude_vector")
-
-# A PEFT parameter name anywhere in a (possibly wrapped: "module.", "model." ...) full-model state dict.
-_PEFT_KEY = re.compile(
-    r"^(?:.*?\.)?(?P<component>video_dit_2|video_dit|audio_dit|dual_tower_bridge)\."
-    r"(?P<path>.+)\.(?P<part>lora_A|lora_B|lora_magnitude_vector)\.(?P<adapter>[^.]+)\.weight$"
-)
-_CANONICAL_KEY = re.compile(
-    r"^(?P<component>video_dit_2|video_dit|audio_dit|dual_tower_bridge)\."
-    r"(?P<path>.+)\.(?P<part>lora_A|lora_B|lora_magnitude_vector)\.weight$"
-)
 
 
 def parse_canonical_key(key: str) -> tuple[str, str, str]:
     """(component, module path, part) of a canonical adapter key; LoraError if it is not one."""
-    m = _CANONICAL_KEY.fullmatch(key)
+    m = ADAPTER_KEY_RE.fullmatch(key)
     if m is None:
         raise LoraError(
             f"{key!r} is not a canonical adapter key '<component>.<module path>.(lora_A|lora_B|"
-            f"lora_magnitude_vector).weight' with component one of {', '.join(LORA_COMPONENTS)}"
+            f"lora_magnitude_vector).weight' with component one of {', '.join(COMPONENTS)}"
         )
     return m["component"], m["path"], m["part"]
 
@@ -64,7 +53,7 @@ def iter_lora_layers(
     model: nn.Module, components: Iterable[str] | None = None
 ) -> Iterable[tuple[str, str, LoraLayer]]:
     """(component, module path, PEFT LoRA layer) for every wrapped module of the loaded components."""
-    for component in LORA_COMPONENTS if components is None else components:
+    for component in COMPONENTS if components is None else components:
         module = getattr(model, component, None)
         if module is None:
             continue
@@ -180,7 +169,7 @@ def lora_state_dict(model: nn.Module, *, adapter_name: str = DEFAULT_ADAPTER) ->
         for part in LORA_PARTS:
             container = getattr(layer, part, None)
             if container is not None and adapter_name in container:
-                out[f"{component}.{path}.{part}.weight"] = container[adapter_name].weight.detach()
+                out[adapter_key(component, path, part)] = container[adapter_name].weight.detach()
     return dict(sorted(out.items()))
 
 
@@ -194,10 +183,10 @@ def extract_lora_state(
     """
     out: dict[str, torch.Tensor] = {}
     for key, value in full_state_dict.items():
-        m = _PEFT_KEY.match(key)
+        m = PEFT_KEY_RE.match(key)
         if m is None or m["adapter"] != adapter_name:
             continue
-        canonical = f"{m['component']}.{m['path']}.{m['part']}.weight"
+        canonical = adapter_key(m["component"], m["path"], m["part"])
         if canonical in out:
             raise LoraError(f"two state-dict entries map to the adapter key {canonical!r} (second: {key!r})")
         out[canonical] = value
@@ -228,7 +217,7 @@ def load_lora_state_dict(
         for part in LORA_PARTS:
             container = getattr(layer, part, None)
             if container is not None and adapter_name in container:
-                params[f"{component}.{path}.{part}.weight"] = container[adapter_name].weight
+                params[adapter_key(component, path, part)] = container[adapter_name].weight
     if not params:
         raise LoraError(f"the model has no adapter named {adapter_name!r} to load {source} into")
     for key in state:
@@ -311,7 +300,7 @@ def _replace_with_base(model: nn.Module, component: str, path: str, layer: LoraL
 
 def _unwrapped(model: nn.Module, components: Iterable[str] | None) -> list[str]:
     done = []
-    for component in LORA_COMPONENTS if components is None else components:
+    for component in COMPONENTS if components is None else components:
         module = getattr(model, component, None)
         if module is None:
             continue

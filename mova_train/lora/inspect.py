@@ -13,13 +13,13 @@ from pathlib import Path
 import torch.nn as nn
 
 from mova_train.lora.config import (
-    LORA_COMPONENTS,
     LoraConfig,
     LoraError,
     as_lora_config,
     lora_config_from_dict,
 )
 from mova_train.lora.presets import PRESETS, get_component, resolve_targets, summarize_paths
+from mova_train.names import COMPONENTS
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -104,7 +104,7 @@ def lora_config_from_name(name: str, *, config_dir: str | os.PathLike | None = N
     root = Path(config_dir) if config_dir is not None else CONFIG_DIR
     names = [n.strip() for n in name.split(",") if n.strip()]
     if names and all(n in PRESETS for n in names):
-        targets = {c: [n for n in names if c in PRESETS[n].components] for c in LORA_COMPONENTS}
+        targets = {c: [n for n in names if c in PRESETS[n].components] for c in COMPONENTS}
         return as_lora_config(
             LoraConfig(targets={c: p for c, p in targets.items() if p}), where=f"--lora {name}"
         )

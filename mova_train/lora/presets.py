@@ -12,10 +12,8 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from mova_train.lora.config import LORA_COMPONENTS, LoraConfig, LoraError, as_lora_config
-
-TOWERS = ("video_dit", "video_dit_2", "audio_dit")
-BRIDGE = ("dual_tower_bridge",)
+from mova_train.lora.config import LoraConfig, LoraError, as_lora_config
+from mova_train.names import BRIDGE, COMPONENTS, TOWERS
 
 
 @dataclass(frozen=True)
@@ -55,13 +53,13 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "bridge_a2v",
             "bridge audio->video cross-attention q/k/v/o (video stream attends to audio)",
-            BRIDGE,
+            (BRIDGE,),
             r"audio_to_video_conditioners\.(?P<layer>\d+)\.inner\.(?:q|k|v|o)",
         ),
         Preset(
             "bridge_v2a",
             "bridge video->audio cross-attention q/k/v/o (audio stream attends to video)",
-            BRIDGE,
+            (BRIDGE,),
             r"video_to_audio_conditioners\.(?P<layer>\d+)\.inner\.(?:q|k|v|o)",
         ),
     )
@@ -75,8 +73,8 @@ def presets_for_component(component: str) -> list[str]:
 
 def get_component(model: nn.Module, component: str) -> nn.Module:
     """The loaded nn.Module of `component`; LoraError if unknown or not loaded (None)."""
-    if component not in LORA_COMPONENTS:
-        raise LoraError(f"unknown component {component!r}; allowed: {', '.join(LORA_COMPONENTS)}")
+    if component not in COMPONENTS:
+        raise LoraError(f"unknown component {component!r}; allowed: {', '.join(COMPONENTS)}")
     module = getattr(model, component, None)
     if module is None:
         raise LoraError(

@@ -1,10 +1,9 @@
 """MOVA diffusion model: configs, the video/audio towers and bridge, the dual-tower step, scheduler and loading."""
 
+from ..names import COMPONENTS, EXPERTS
 from .checkpoint import load_mova, read_mova_config, save_mova
 from .config import (
-    COMPONENTS,
     CONFIG_PRESETS,
-    EXPERTS,
     AudioDiTConfig,
     BridgeConfig,
     ConfigError,
@@ -14,7 +13,7 @@ from .config import (
     get_model_config,
 )
 from .layers import set_attention_backend
-from .mova import MovaModel, build_mova, set_activation_checkpointing
+from .mova import MovaModel, build_i2v_condition, build_mova, set_activation_checkpointing
 from .scheduler import FlowMatchScheduler, expert_for_timestep
 
 __all__ = [
@@ -29,6 +28,7 @@ __all__ = [
     "MovaModel",
     "SchedulerConfig",
     "VideoDiTConfig",
+    "build_i2v_condition",
     "build_mova",
     "expert_for_timestep",
     "get_model_config",

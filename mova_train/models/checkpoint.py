@@ -12,8 +12,19 @@ from pathlib import Path
 import torch
 
 from ..checkpoint_io import CheckpointError, load_module_strict, read_json, save_component, write_json_atomic
-from .config import (
+from ..names import (
+    AUDIO_DIT,
+    BOUNDARY_RATIO,
+    BRIDGE,
     COMPONENTS,
+    CONFIG_NAME,
+    HIGH_NOISE_EXPERT,
+    LOW_NOISE_EXPERT,
+    MODEL_INDEX_NAME,
+    TOKENIZER_DIR,
+    WEIGHTS_NAME,
+)
+from .config import (
     AudioDiTConfig,
     BridgeConfig,
     ConfigError,
@@ -23,21 +34,20 @@ from .config import (
 )
 from .mova import MovaModel, check_components
 
-WEIGHTS_NAME = "diffusion_pytorch_model"
 DIFFUSERS_VERSION = "0.33.1"  # recorded in the configs we write; never checked on read
 # Shards per component in the released layout: the 14B experts come in three files with an index.
-RELEASED_NUM_SHARDS = {"video_dit": 3, "video_dit_2": 3, "audio_dit": 1, "dual_tower_bridge": 1}
+RELEASED_NUM_SHARDS = {HIGH_NOISE_EXPERT: 3, LOW_NOISE_EXPERT: 3, AUDIO_DIT: 1, BRIDGE: 1}
 
 # model_index.json entries: [library, class]. The library strings of MOVA's own classes are inferred
 # (spec §2: "probably full module paths"); only the class names are checked on read.
 MODEL_INDEX_ENTRIES = {
-    "video_dit": ["mova.diffusion.models.wan_video_dit", "WanModel"],
-    "video_dit_2": ["mova.diffusion.models.wan_video_dit", "WanModel"],
-    "audio_dit": ["mova.diffusion.models.wan_audio_dit", "WanAudioModel"],
-    "dual_tower_bridge": ["mova.diffusion.models.interactionv2", "DualTowerConditionalBridge"],
+    HIGH_NOISE_EXPERT: ["mova.diffusion.models.wan_video_dit", "WanModel"],
+    LOW_NOISE_EXPERT: ["mova.diffusion.models.wan_video_dit", "WanModel"],
+    AUDIO_DIT: ["mova.diffusion.models.wan_audio_dit", "WanAudioModel"],
+    BRIDGE: ["mova.diffusion.models.interactionv2", "DualTowerConditionalBridge"],
     "scheduler": ["mova.diffusion.schedulers.flow_match_pair", "FlowMatchPairScheduler"],
     "text_encoder": ["transformers", "UMT5EncoderModel"],
-    "tokenizer": ["transformers", "T5TokenizerFast"],
+    TOKENIZER_DIR: ["transformers", "T5TokenizerFast"],
     "video_vae": ["diffusers", "AutoencoderKLWan"],
     "audio_vae": ["mova.diffusion.models.dac_vae", "DAC"],
 }
@@ -50,7 +60,7 @@ _MODEL_INDEX_FIELDS = {
 }
 
 
-def model_index_dict(boundary_ratio: float = 0.9) -> dict:
+def model_index_dict(boundary_ratio: float = BOUNDARY_RATIO) -> dict:
     """The model_index.json we write (released layout)."""
     return {
         "_class_name": "MOVA",
@@ -63,7 +73,7 @@ def model_index_dict(boundary_ratio: float = 0.9) -> dict:
 
 def read_model_index(checkpoint_dir: str | os.PathLike) -> dict:
     """model_index.json, validated: known fields and component names only, `audio_vae_type` dac, classes match."""
-    path = Path(checkpoint_dir) / "model_index.json"
+    path = Path(checkpoint_dir) / MODEL_INDEX_NAME
     if not Path(checkpoint_dir).is_dir():
         raise CheckpointError(f"checkpoint folder not found: {checkpoint_dir}")
     index = read_json(path)
@@ -101,17 +111,18 @@ def read_mova_config(checkpoint_dir: str | os.PathLike) -> MovaConfig:
     index = read_model_index(root)
 
     def parse(cls, name: str):
-        path = root / name / "config.json"
+        path = root / name / CONFIG_NAME
         return cls.from_dict(read_json(path), str(path))
 
-    video = parse(VideoDiTConfig, "video_dit")
-    if (root / "video_dit_2" / "config.json").is_file() and parse(VideoDiTConfig, "video_dit_2") != video:
+    video = parse(VideoDiTConfig, HIGH_NOISE_EXPERT)
+    low_noise_config = root / LOW_NOISE_EXPERT / CONFIG_NAME
+    if low_noise_config.is_file() and parse(VideoDiTConfig, LOW_NOISE_EXPERT) != video:
         raise ConfigError(
-            f"{root / 'video_dit_2' / 'config.json'} differs from {root / 'video_dit' / 'config.json'}: "
+            f"{low_noise_config} differs from {root / HIGH_NOISE_EXPERT / CONFIG_NAME}: "
             "both experts must share one architecture"
         )
-    audio = parse(AudioDiTConfig, "audio_dit")
-    bridge = parse(BridgeConfig, "dual_tower_bridge")
+    audio = parse(AudioDiTConfig, AUDIO_DIT)
+    bridge = parse(BridgeConfig, BRIDGE)
     sched_path = root / "scheduler" / "scheduler_config.json"
     scheduler = SchedulerConfig.from_dict(read_json(sched_path), str(sched_path))
     try:
@@ -161,10 +172,10 @@ def save_mova(
     shards = {**RELEASED_NUM_SHARDS, **(num_shards or {})}
     cfg = model.config
     configs = {
-        "video_dit": cfg.video_dit.to_dict(),
-        "video_dit_2": cfg.video_dit.to_dict(),
-        "audio_dit": cfg.audio_dit.to_dict(),
-        "dual_tower_bridge": cfg.dual_tower_bridge.to_dict(),
+        HIGH_NOISE_EXPERT: cfg.video_dit.to_dict(),
+        LOW_NOISE_EXPERT: cfg.video_dit.to_dict(),
+        AUDIO_DIT: cfg.audio_dit.to_dict(),
+        BRIDGE: cfg.dual_tower_bridge.to_dict(),
     }
     for name in model.components:
         config = {**configs[name], "_diffusers_version": DIFFUSERS_VERSION}
@@ -179,4 +190,4 @@ def save_mova(
         root / "scheduler" / "scheduler_config.json",
         {**cfg.scheduler.to_dict(), "_diffusers_version": DIFFUSERS_VERSION},
     )
-    write_json_atomic(root / "model_index.json", model_index_dict(cfg.boundary_ratio))
+    write_json_atomic(root / MODEL_INDEX_NAME, model_index_dict(cfg.boundary_ratio))

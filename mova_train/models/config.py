@@ -11,12 +11,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..names import BOUNDARY_RATIO
+
 # Diffusers ConfigMixin bookkeeping fields: present in every config.json, no effect on the architecture.
 _META_FIELDS = frozenset({"_class_name", "_diffusers_version", "_name_or_path"})
-
-# The four diffusion components, in checkpoint-folder names; the first two are the video experts.
-COMPONENTS = ("video_dit", "video_dit_2", "audio_dit", "dual_tower_bridge")
-EXPERTS = ("video_dit", "video_dit_2")  # high-noise (t >= boundary), low-noise
 
 BRIDGE_STRATEGIES = ("shallow_focus", "distributed", "progressive", "custom", "full")
 
@@ -274,7 +272,7 @@ class MovaConfig:
     audio_dit: AudioDiTConfig
     dual_tower_bridge: BridgeConfig
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    boundary_ratio: float = 0.9
+    boundary_ratio: float = BOUNDARY_RATIO
     text_len: int = 512
     name: str = "custom"
 

@@ -10,13 +10,12 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..checkpoint_io import INDEX_SUFFIX, CheckpointError, read_component_header
+from ..checkpoint_io import CheckpointError, read_component_header
 from ..codecs import build_codec_modules
+from ..names import CODEC_COMPONENTS, COMPONENTS, EXPERTS, INDEX_SUFFIX, SHARED_COMPONENTS
 from .checkpoint import read_mova_config
-from .config import COMPONENTS, EXPERTS
 from .mova import MovaModel, build_mova
 
-CODEC_COMPONENTS = ("text_encoder", "video_vae", "audio_vae")
 # Names that hold one tensor twice (tied); counted once.
 TIED_KEYS = {"text_encoder": (("encoder.embed_tokens.weight", "shared.weight"),)}
 
@@ -100,7 +99,7 @@ def format_counts(insp: Inspection) -> str:
         total = sum(insp.num_params(c) for c in have)
         experts = [insp.num_params(c) for c in EXPERTS if c in insp.shapes]
         active = (max(experts) if experts else 0) + sum(
-            insp.num_params(c) for c in ("audio_dit", "dual_tower_bridge") if c in insp.shapes
+            insp.num_params(c) for c in SHARED_COMPONENTS if c in insp.shapes
         )
         lines.append(f"{'total diffusion':<31}{total:>20,}   ({', '.join(have)})")
         lines.append(f"{'active per step':<31}{active:>20,}   (one expert + audio_dit + dual_tower_bridge)")

@@ -9,20 +9,33 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..names import AUDIO_DIT, BRIDGE, COMPONENTS, EXPERTS, I2V_MASK_CHANNELS
 from .bridge import BridgeConditioner, DualTowerBridge
-from .config import COMPONENTS, EXPERTS, MovaConfig, get_model_config
+from .config import MovaConfig, get_model_config
 from .dit import DiTBlock, Head, WanAudioDiT, WanVideoDiT, run_block
 from .layers import RMSNorm, init_linear_
 from .scheduler import expert_for_timestep
+
+
+def build_i2v_condition(first_frame: torch.Tensor) -> torch.Tensor:
+    """The I2V condition y [B, 4 + C, T, h, w] = mask(4) ‖ first-frame latent [B, C, T, h, w] (spec §8).
+
+    The mask is 1 on latent frame 0 and 0 elsewhere, in the latent's dtype and device. The one implementation:
+    the trainer, the held-out loss and the codecs' `build_i2v_condition` (which checks its input first) call it.
+    """
+    b, _, t, h, w = first_frame.shape
+    mask = torch.zeros(b, I2V_MASK_CHANNELS, t, h, w, dtype=first_frame.dtype, device=first_frame.device)
+    mask[:, :, 0] = 1
+    return torch.cat([mask, first_frame], dim=1)
 
 
 def build_component(name: str, config: MovaConfig) -> nn.Module:
     """One diffusion component from the config, on the current default device."""
     if name in EXPERTS:
         return WanVideoDiT(config.video_dit)
-    if name == "audio_dit":
+    if name == AUDIO_DIT:
         return WanAudioDiT(config.audio_dit)
-    if name == "dual_tower_bridge":
+    if name == BRIDGE:
         return DualTowerBridge(config.dual_tower_bridge)
     raise ValueError(f"unknown component {name!r}; allowed: {', '.join(COMPONENTS)}")
 
@@ -127,8 +140,8 @@ class MovaModel(nn.Module):
         if expert not in EXPERTS:
             raise ValueError(f"expert must be one of {', '.join(EXPERTS)}, got {expert!r}")
         video_dit = self._component(expert)
-        audio_dit = self._component("audio_dit")
-        bridge = self._component("dual_tower_bridge")
+        audio_dit = self._component(AUDIO_DIT)
+        bridge = self._component(BRIDGE)
         b = video_latents.shape[0]
         device = video_latents.device
         tv = self._timesteps(timestep_video, b, device)

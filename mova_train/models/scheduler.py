@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .config import EXPERTS, SchedulerConfig
+from ..names import EXPERTS
+from .config import SchedulerConfig
 
 
 def expert_for_timestep(t: float | torch.Tensor, boundary: float = 900.0) -> str:

@@ -16,12 +16,11 @@ from pathlib import Path
 import torch
 
 from mova_train.checkpoint_io import CheckpointError
-from mova_train.models import COMPONENTS, EXPERTS, FlowMatchScheduler
+from mova_train.models import FlowMatchScheduler
+from mova_train.names import COMPONENTS, EXPERTS, SHARED_COMPONENTS
 from mova_train.sampling.inputs import LoraSpec, SamplingError, parse_lora_spec
 
 log = logging.getLogger(__name__)
-
-SHARED_COMPONENTS = tuple(c for c in COMPONENTS if c not in EXPERTS)  # audio_dit, dual_tower_bridge
 
 
 @dataclass

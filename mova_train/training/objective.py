@@ -14,9 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from mova_train.config import EXPERTS, ObjectiveConfig
-from mova_train.models import FlowMatchScheduler, expert_for_timestep
-
-MASK_CHANNELS = 4  # spec §8: the I2V mask has 4 channels, 1 on latent frame 0
+from mova_train.models import FlowMatchScheduler, build_i2v_condition, expert_for_timestep
 
 
 class ExpertChooser:
@@ -75,14 +73,6 @@ class TimestepSampler:
             routed = expert_for_timestep(t, self.boundary)
             assert routed == expert, f"drew timesteps {t.tolist()} for {expert} that route to {routed}"
         return t
-
-
-def build_i2v_condition(first_frame: torch.Tensor) -> torch.Tensor:
-    """y [B, 20, T, h, w] = mask(4) ‖ first-frame latent(16); the mask is 1 on latent frame 0 (spec §8)."""
-    b, _, t, h, w = first_frame.shape
-    mask = torch.zeros(b, MASK_CHANNELS, t, h, w, dtype=first_frame.dtype, device=first_frame.device)
-    mask[:, :, 0] = 1
-    return torch.cat([mask, first_frame], dim=1)
 
 
 @dataclass

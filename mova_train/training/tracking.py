@@ -19,6 +19,7 @@ import torch
 
 from mova_train.checkpoint_io import write_bytes_atomic, write_json_atomic
 from mova_train.config import PROJECT_ROOT, TrackingConfig
+from mova_train.names import EXPERTS, HIGH_NOISE_EXPERT
 from mova_train.run_layout import (
     CODE_VERSION_FILE,
     CONFIG_FILE,
@@ -178,8 +179,8 @@ class WandbTracker:
             elif isinstance(v, (int, float)) and k != "step":
                 flat[f"train/{k}"] = v
             elif k == "expert":
-                flat["train/expert_is_high_noise"] = int(v == "video_dit")
-                if v in ("video_dit", "video_dit_2") and isinstance(row.get("loss"), float):
+                flat["train/expert_is_high_noise"] = int(v == HIGH_NOISE_EXPERT)
+                if v in EXPERTS and isinstance(row.get("loss"), float):
                     flat[f"train/loss_{v}"] = row["loss"]  # one curve per expert (its own noise range)
         self.run.log(flat, step=step)
 
