@@ -9,13 +9,10 @@ from omegaconf import OmegaConf
 
 from mova_train.data.bench import main as bench_main
 from mova_train.data.bench import run_loader_bench
+from mova_train.data.config import DataConfig, check_data_config
 from mova_train.data.contract import encode_sample
-from mova_train.data.loader import (
-    DataConfig,
-    LoaderStateError,
-    build_loader,
-    check_data_config,
-)
+from mova_train.data.errors import LoaderStateError
+from mova_train.data.loader import build_loader
 from mova_train.data.synthetic import make_synthetic_sample, write_shard_set, write_synthetic_shards
 
 IDENTITY = "synthetic-codecs"

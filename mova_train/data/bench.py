@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-from mova_train.data.loader import DataConfig, build_loader
+from mova_train.data.config import DataConfig
+from mova_train.data.loader import build_loader
+from mova_train.data.synthetic import make_synthetic_sample, write_shard_set
 
 
 def _batch_bytes(batch) -> int:
@@ -90,8 +92,6 @@ def run_loader_bench(
 
 def write_bench_shards(out_dir: str | Path, num_samples: int, *, samples_per_shard: int = 8) -> None:
     """360p-sized random latents (bf16): video/first_frame [16, 49, 44, 80], audio [128, 403], text [~100, 4096]."""
-    from mova_train.data.synthetic import make_synthetic_sample, write_shard_set
-
     g = torch.Generator().manual_seed(0)
     samples = [
         make_synthetic_sample(
