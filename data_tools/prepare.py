@@ -11,7 +11,8 @@ import argparse
 from pathlib import Path
 
 from data_tools.common import PLAN_NAME, SOURCES_NAME, DataToolsError, ensure_writable_dir, log, read_jsonl
-from data_tools.encode import add_encode_options, distributed_context, encode, options_from_args
+from data_tools.distributed import distributed_context
+from data_tools.encode import add_encode_options, encode, options_from_args
 from data_tools.plan import add_plan_options, plan, plan_kwargs, summarize_plan
 from data_tools.scan import add_scan_options, scan, summarize_sources
 
