@@ -6,7 +6,7 @@ from pathlib import Path
 
 from data_tools.common import DATA_TOOLS_VERSION
 from data_tools.shards import journal_path, read_journal
-from mova_train.data.contract import Manifest, ShardInfo, save_manifest
+from mova_train.data.contract import Manifest, ShardInfo, manifest_shapes, save_manifest
 
 
 def build_manifest(out: Path, world_size: int, codecs, checkpoint_identity: str, options: dict) -> Manifest:
@@ -24,9 +24,7 @@ def build_manifest(out: Path, world_size: int, codecs, checkpoint_identity: str,
             for s in record.samples:
                 buckets[s["bucket"]] = buckets.get(s["bucket"], 0) + 1
                 seconds += s["seconds"]
-                bucket_shapes = {k: list(v) for k, v in s["shapes"].items()}
-                bucket_shapes["text"] = [-1, bucket_shapes["text"][1]]
-                shapes.setdefault(s["bucket"], bucket_shapes)
+                shapes.setdefault(s["bucket"], manifest_shapes(s["shapes"]))
     shards.sort(key=lambda s: s.name)
     fps = options.get("fps")
     num_frames = options.get("num_frames")

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.common import DataToolsError, progress
-from data_tools.shards import TMP_SUFFIX, sha256_path
+from data_tools.common import DataToolsError, progress, sha256_file
+from data_tools.shards import TMP_SUFFIX
 
 
 @dataclass
@@ -120,7 +120,7 @@ def verify(folder: str | Path, *, checkpoint: str | Path | None = None) -> Verif
                 f"{info.name}: {path.stat().st_size} bytes, manifest.json says {info.num_bytes}"
             )
             continue
-        if sha256_path(path) != info.sha256:
+        if sha256_file(path) != info.sha256:
             result.problems.append(f"{info.name}: sha256 differs from manifest.json (corrupt or modified)")
             continue
         count = 0
