@@ -10,6 +10,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from data_tools.align import decode_audio, decode_frames, frame_times, load_clip, resample_mono
+from data_tools.encode import EncodeOptions, encode, encode_clip
+from data_tools.plan import plan
+from data_tools.scan import scan
+from data_tools.synth import synthesize
+from data_tools.verify import verify
+from mova_train.make_tiny import write_tiny_checkpoint
+
 
 def _timed(fn):
     start = time.perf_counter()
@@ -27,15 +38,6 @@ def bench(
     buckets: str = "64x112,112x64,64x64",
     device: str = "cpu",
 ) -> dict[str, float]:
-    import torch
-
-    from data_tools.align import decode_audio, decode_frames, frame_times, load_clip, resample_mono
-    from data_tools.encode import EncodeOptions, encode, encode_clip
-    from data_tools.plan import plan
-    from data_tools.scan import scan
-    from data_tools.synth import synthesize
-    from data_tools.verify import verify
-
     figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="mova-data-bench-") as tmp:
         tmp = Path(tmp)
@@ -44,8 +46,6 @@ def bench(
             _, t = _timed(lambda: synthesize(input_dir, num_clips=clips, seconds=seconds, seed=0))
             figures["synth_s"] = t
         if checkpoint is None:
-            from mova_train.make_tiny import write_tiny_checkpoint
-
             checkpoint = str(write_tiny_checkpoint(tmp / "ckpt", seed=0))
         sources, figures["scan_s"] = _timed(lambda: scan(input_dir))
         usable = [s for s in sources if s["status"] == "ok"]
@@ -56,8 +56,6 @@ def bench(
             nonlocal num_frames
             for s in usable:
                 times = frame_times(s["path"])
-                import numpy as np
-
                 decode_frames(s["path"], np.arange(len(times)), s["height"], s["width"])
                 num_frames += len(times)
 
@@ -79,7 +77,7 @@ def bench(
         rows, figures["plan_s"] = _timed(lambda: plan(sources, num_frames=frames, fps=24.0, buckets=buckets))
         kept = [r for r in rows if r["status"] == "kept"]
 
-        from mova_train.codecs import load_codecs
+        from mova_train.codecs import load_codecs  # heavy (transformers, VAEs): imported when the bench runs
 
         codecs, figures["codec_load_s"] = _timed(lambda: load_codecs(checkpoint, device=device))
         aligned, t_align = _timed(lambda: [load_clip(r) for r in kept])
