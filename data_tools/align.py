@@ -56,6 +56,14 @@ def _frame_to_float(frame) -> np.ndarray:
     return array
 
 
+def _audio_stream(container, path: str | os.PathLike):
+    """The first audio stream of an open PyAV container and its sample rate."""
+    if not container.streams.audio:
+        raise MediaDecodeError(f"{path}: no audio stream")
+    stream = container.streams.audio[0]
+    return stream, int(stream.codec_context.sample_rate)
+
+
 def decode_audio(
     path: str | os.PathLike, *, start_s: float | None = None, end_s: float | None = None
 ) -> AudioWindow:
@@ -69,10 +77,7 @@ def decode_audio(
     margin = 0.5
     try:
         with av.open(str(path)) as container:
-            if not container.streams.audio:
-                raise MediaDecodeError(f"{path}: no audio stream")
-            stream = container.streams.audio[0]
-            rate = int(stream.codec_context.sample_rate)
+            stream, rate = _audio_stream(container, path)
             tb = stream.time_base
             if start_s is not None and start_s > 2.0:
                 # seek a little before the window: AAC needs a frame of pre-roll after a seek
@@ -118,10 +123,7 @@ def audio_envelope(path: str | os.PathLike, hop_s: float) -> tuple[np.ndarray, f
     first: float | None = None
     try:
         with av.open(str(path)) as container:
-            if not container.streams.audio:
-                raise MediaDecodeError(f"{path}: no audio stream")
-            stream = container.streams.audio[0]
-            rate = int(stream.codec_context.sample_rate)
+            stream, rate = _audio_stream(container, path)
             hop = max(1, int(round(hop_s * rate)))
             next_time: float | None = None
             for frame in container.decode(stream):

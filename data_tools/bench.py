@@ -9,6 +9,16 @@ import argparse
 import tempfile
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from data_tools.align import decode_audio, decode_frames, frame_times, load_clip, resample_mono
+from data_tools.encode import EncodeOptions, encode, encode_clip
+from data_tools.plan import plan
+from data_tools.scan import scan
+from data_tools.synth import synthesize
+from data_tools.verify import verify
+
 
 def bench(
     *,
@@ -20,16 +30,8 @@ def bench(
     buckets: str = "64x112,112x64,64x64",
     device: str = "cpu",
 ) -> dict[str, float]:
-    # Imported here on purpose: `python -m data_tools` imports every command module to build its --help, and these
-    # load torch and the codecs.
-    import torch
-
-    from data_tools.align import decode_audio, decode_frames, frame_times, load_clip, resample_mono
-    from data_tools.encode import EncodeOptions, encode, encode_clip
-    from data_tools.plan import plan
-    from data_tools.scan import scan
-    from data_tools.synth import synthesize
-    from data_tools.verify import verify
+    # Imported here on purpose: `python -m data_tools` imports every command module to build its --help, and the
+    # codecs (and the model package) take seconds to import.
     from mova_train.bench.common import timed
     from mova_train.codecs import load_codecs
     from mova_train.models.tiny import write_tiny_checkpoint
@@ -52,8 +54,6 @@ def bench(
             nonlocal num_frames
             for s in usable:
                 times = frame_times(s["path"])
-                import numpy as np
-
                 decode_frames(s["path"], np.arange(len(times)), s["height"], s["width"])
                 num_frames += len(times)
 

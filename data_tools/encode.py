@@ -12,15 +12,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
-import signal
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from data_tools.align import AlignedClip, load_clip, num_audio_samples
 from data_tools.common import (
@@ -35,6 +33,11 @@ from data_tools.common import (
     read_jsonl,
     write_bytes_atomic,
 )
+from data_tools.distributed import DistContext, distributed_context
+from data_tools.export import export_clip
+from data_tools.faults import kill_if_requested
+from data_tools.manifest import build_manifest
+from data_tools.report import build_report, write_report
 from data_tools.shards import (
     PROGRESS_DIR,
     ShardRecord,
@@ -43,11 +46,11 @@ from data_tools.shards import (
     read_journal,
     remove_stale_tmp,
 )
+from mova_train.data.contract import SCHEMA_VERSION, encode_sample
+from mova_train.identity import base_identity
 from mova_train.names import MODEL_INDEX_NAME
 
 OPTIONS_NAME = "options.json"
-# Test hook: kill this process (SIGKILL, like an OOM kill) after writing this many samples in this run.
-CRASH_ENV = "MOVA_DATA_TOOLS_KILL_AFTER_SAMPLES"
 LATENT_DTYPES = ("bfloat16", "float32", "float16")
 
 
@@ -68,44 +71,8 @@ class EncodeOptions:
     )  # recorded in the manifest (plan/scan options of prepare)
 
 
-@dataclass
-class DistContext:
-    rank: int
-    world_size: int
-    barrier: Callable[[], None]
-    device: str
-
-
-def distributed_context(device: str) -> DistContext:
-    """Rank and world size from the launcher's environment (RANK/WORLD_SIZE, set by `accelerate launch` and
-    torchrun); the process group (nccl on GPUs, gloo on CPU) only serves barriers."""
-    import torch
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    if world <= 1:
-        return DistContext(0, 1, lambda: None, device)
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(torch.device(device))
-        dist.init_process_group(backend=backend)
-
-    def barrier() -> None:
-        dist.barrier()
-
-    return DistContext(rank, world, barrier, device)
-
-
 def encode_clip(codecs, clip: AlignedClip, caption: str, latent_dtype) -> dict:
     """Tensors of one sample: video, first_frame [16, T', h, w], audio [Ca, L], text [n_tokens, Dt]."""
-    import torch
-
     frames = torch.from_numpy(clip.frames)  # [N, H, W, 3] uint8
     video = frames.permute(3, 0, 1, 2)[None].float().div(127.5).sub(1.0)  # [1, 3, N, H, W] in [-1, 1]
     latents = codecs.video_vae.encode(video)[0]
@@ -119,8 +86,6 @@ def encode_clip(codecs, clip: AlignedClip, caption: str, latent_dtype) -> dict:
 
 
 def build_meta(row: dict, clip: AlignedClip, codec_identity: str) -> dict:
-    from mova_train.data.contract import SCHEMA_VERSION
-
     return {
         "clip_id": row["clip_id"],
         "source": row["relpath"],
@@ -192,12 +157,6 @@ def check_resume(out: Path, fingerprint: dict, *, overwrite: bool) -> None:
     write_bytes_atomic(path, (json.dumps(fingerprint, sort_keys=True, indent=1) + "\n").encode("utf-8"))
 
 
-def _maybe_crash(count: int) -> None:
-    limit = os.environ.get(CRASH_ENV)
-    if limit and count >= int(limit):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def encode_rank(
     codecs,
     rows: list[dict],
@@ -222,7 +181,6 @@ def encode_rank(
         target_bytes=int(opts.shard_size_mb * 1024 * 1024),
         max_samples=opts.max_samples_per_shard,
     )
-    from mova_train.data.contract import encode_sample
 
     def load(row: dict) -> AlignedClip | DataToolsError:
         try:
@@ -253,8 +211,6 @@ def encode_rank(
                 writer.skip(row["clip_id"], str(clip), row["relpath"])
                 continue
             if opts.export_clips:
-                from data_tools.export import export_clip
-
                 export_clip(opts.export_clips, row, clip)
             tensors = encode_clip(codecs, clip, row["caption"], latent_dtype)
             meta = build_meta(row, clip, codec_identity)
@@ -270,7 +226,7 @@ def encode_rank(
             }
             writer.write(encode_sample(meta, tensors), summary)
             written += 1
-            _maybe_crash(written)
+            kill_if_requested(written)
         writer.close()
     except BaseException:
         writer.abort()
@@ -281,132 +237,8 @@ def encode_rank(
     return writer.finished
 
 
-def build_manifest(
-    out: Path, world_size: int, opts: EncodeOptions, codecs, checkpoint_identity: str, options: dict
-):
-    """Rank 0, after every rank finished: one manifest over the journals of all ranks."""
-    from mova_train.data.contract import Manifest, ShardInfo, save_manifest
-
-    shards: list[ShardInfo] = []
-    buckets: dict[str, int] = {}
-    shapes: dict[str, dict[str, list[int]]] = {}
-    seconds = 0.0
-    fps = num_frames = None
-    for rank in range(world_size):
-        for record in read_journal(journal_path(out, rank)):
-            if not record.name:
-                continue
-            shards.append(ShardInfo(record.name, record.sha256, len(record.clip_ids), record.num_bytes))
-            for s in record.samples:
-                buckets[s["bucket"]] = buckets.get(s["bucket"], 0) + 1
-                seconds += s["seconds"]
-                bucket_shapes = {k: list(v) for k, v in s["shapes"].items()}
-                bucket_shapes["text"] = [-1, bucket_shapes["text"][1]]
-                shapes.setdefault(s["bucket"], bucket_shapes)
-    shards.sort(key=lambda s: s.name)
-    fps = options.get("fps")
-    num_frames = options.get("num_frames")
-    manifest = Manifest(
-        codec_identity=codecs.identity,
-        checkpoint_identity=checkpoint_identity,
-        num_samples=sum(s.num_samples for s in shards),
-        shards=shards,
-        buckets=dict(sorted(buckets.items())),
-        shapes=dict(sorted(shapes.items())),
-        video_channels=16,
-        audio_channels=int(codecs.audio_latent_dim),
-        text_dim=int(codecs.text_dim),
-        fps=float(fps) if fps is not None else 24.0,
-        num_frames=int(num_frames) if num_frames is not None else 193,
-        audio_sample_rate=int(codecs.sample_rate),
-        total_seconds=round(seconds, 6),
-        options=options,
-        data_tools_version=DATA_TOOLS_VERSION,
-    )
-    save_manifest(out, manifest)
-    return manifest
-
-
-def build_report(out: Path, world_size: int, sources: list[dict] | None, plan_rows: list[dict]) -> list[dict]:
-    """One row per source skip, rejected span, encode skip and kept clip, with its reason and source file."""
-    rows: list[dict] = []
-    planned_sources = {r.get("source_id") for r in plan_rows}
-    for src in sources or []:
-        if src.get("status") != "ok" and src.get("source_id") not in planned_sources:
-            rows.append(
-                {"stage": "scan", "status": "skipped", "source": src["relpath"], "reason": src["reason"]}
-            )
-    for r in plan_rows:
-        if r["status"] != "kept":
-            stage = (
-                "scan"
-                if r["clip_id"].endswith("-source") and r["reason"].startswith("source skipped")
-                else "plan"
-            )
-            rows.append(
-                {
-                    "stage": stage,
-                    "status": "skipped",
-                    "source": r.get("relpath", ""),
-                    "clip_id": r["clip_id"],
-                    "start_s": r.get("start_s"),
-                    "end_s": r.get("end_s"),
-                    "reason": r["reason"].removeprefix("source skipped by scan: "),
-                }
-            )
-    for rank in range(world_size):
-        for record in read_journal(journal_path(out, rank)):
-            for s in record.skipped:
-                rows.append(
-                    {
-                        "stage": "encode",
-                        "status": "skipped",
-                        "source": s["relpath"],
-                        "clip_id": s["clip_id"],
-                        "reason": s["reason"],
-                    }
-                )
-            for s in record.samples:
-                rows.append(
-                    {
-                        "stage": "encode",
-                        "status": "kept",
-                        "source": s["relpath"],
-                        "clip_id": s["clip_id"],
-                        "shard": record.name,
-                        "bucket": s["bucket"],
-                        "reason": "",
-                    }
-                )
-    rows.sort(key=lambda r: (r["source"], r.get("clip_id", ""), r["stage"]))
-    return rows
-
-
-def format_report(rows: list[dict]) -> str:
-    kept = [r for r in rows if r["status"] == "kept"]
-    skipped = [r for r in rows if r["status"] != "kept"]
-    lines = [f"kept {len(kept)} clips; skipped {len(skipped)}"]
-    for r in skipped:
-        where = r["source"] + (f" [{r['clip_id']}]" if r.get("clip_id") else "")
-        lines.append(f"  skipped ({r['stage']}) {where}: {r['reason']}")
-    return "\n".join(lines)
-
-
-def write_report(out: Path, rows: list[dict]) -> str:
-    from data_tools.common import write_jsonl_atomic
-
-    write_jsonl_atomic(out / REPORT_NAME, rows)
-    text = format_report(rows)
-    write_bytes_atomic(out / "report.txt", (text + "\n").encode("utf-8"))
-    return text
-
-
 def encode(plan_rows: list[dict], opts: EncodeOptions, *, sources: list[dict] | None = None) -> dict:
     """Encode the kept clips of `plan_rows` into shards under opts.out; returns a summary (rank 0: manifest)."""
-    import torch
-
-    from mova_train.identity import base_identity
-
     if opts.latent_dtype not in LATENT_DTYPES:
         raise DataToolsError(f"--latent-dtype {opts.latent_dtype}: allowed {', '.join(LATENT_DTYPES)}")
     if opts.codec_dtype not in ("float32", "bfloat16"):
@@ -431,6 +263,8 @@ def encode(plan_rows: list[dict], opts: EncodeOptions, *, sources: list[dict] | 
     num_frames, fps = frame_counts.pop()
 
     ctx = distributed_context(opts.device)
+    # imported here: the codecs pull in transformers and the VAEs, and `python -m data_tools` imports every
+    # command's module to build its parser
     from mova_train.codecs import load_codecs
 
     codecs = load_codecs(ckpt, device=ctx.device, dtype=getattr(torch, opts.codec_dtype))
@@ -462,7 +296,7 @@ def encode(plan_rows: list[dict], opts: EncodeOptions, *, sources: list[dict] | 
             "plan_sha256": plan_digest(kept),
             **opts.extra_options,
         }
-        manifest = build_manifest(out, ctx.world_size, opts, codecs, base_identity(ckpt), options)
+        manifest = build_manifest(out, ctx.world_size, codecs, base_identity(ckpt), options)
         report = build_report(out, ctx.world_size, sources, plan_rows)
         summary.update(manifest=asdict(manifest), report=report, report_text=write_report(out, report))
     ctx.barrier()

@@ -9,12 +9,11 @@ from pathlib import Path
 
 from data_tools.align import AlignedClip, load_clip
 from data_tools.common import DataToolsError, ensure_writable_dir, log, progress, read_jsonl
+from mova_train.media import write_mp4
 
 
 def export_clip(out_dir: str | Path, row: dict, clip: AlignedClip) -> Path:
     """Write one aligned clip as `<clip_id>.mp4` (H.264 + AAC, both streams starting at 0)."""
-    from mova_train.media import write_mp4
-
     return write_mp4(
         Path(out_dir) / f"{row['clip_id']}.mp4", clip.frames, float(row["fps"]), clip.audio, clip.sample_rate
     )

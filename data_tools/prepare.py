@@ -10,8 +10,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from data_tools.common import PLAN_NAME, SOURCES_NAME, DataToolsError, ensure_writable_dir, log, read_jsonl
-from data_tools.encode import add_encode_options, distributed_context, encode, options_from_args
+from data_tools.common import (
+    PLAN_NAME,
+    SOURCES_NAME,
+    DataToolsError,
+    ensure_writable_dir,
+    log,
+    read_jsonl,
+    write_jsonl_atomic,
+)
+from data_tools.distributed import distributed_context
+from data_tools.encode import add_encode_options, encode, options_from_args
 from data_tools.plan import add_plan_options, plan, plan_kwargs, summarize_plan
 from data_tools.scan import add_scan_options, scan, summarize_sources
 from mova_train.names import MODEL_INDEX_NAME
@@ -47,8 +56,6 @@ def run(args: argparse.Namespace) -> int:
             default_caption=args.default_caption,
             workers=args.workers,
         )
-        from data_tools.common import write_jsonl_atomic
-
         write_jsonl_atomic(out / SOURCES_NAME, sources)
         log(summarize_sources(sources))
         plan_rows = plan(sources, **kwargs)

@@ -9,7 +9,6 @@ unfinished shard, so no clip is lost or duplicated.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -17,14 +16,11 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_tools.common import DataToolsError
+from data_tools.common import DataToolsError, sha256_file
+from mova_train.data.contract import shard_name
 
 PROGRESS_DIR = "_progress"
 TMP_SUFFIX = ".tmp"
-
-
-def shard_name(rank: int, index: int) -> str:
-    return f"shard-{rank:03d}-{index:05d}.tar"
 
 
 def journal_path(out_dir: Path, rank: int) -> Path:
@@ -149,7 +145,7 @@ class ShardWriter:
         record = ShardRecord(
             name=self._path.name,
             index=self.index,
-            sha256=sha256_path(self._path),
+            sha256=sha256_file(self._path),
             num_bytes=self._path.stat().st_size,
             clip_ids=self._clip_ids,
             skipped=self._skipped,
@@ -183,14 +179,6 @@ class ShardWriter:
                 if tmp.exists():
                     tmp.unlink()
             self._tar = self._file = None
-
-
-def sha256_path(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def remove_stale_tmp(out_dir: Path, rank: int) -> list[Path]:

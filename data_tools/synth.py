@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from data_tools.common import DataToolsError, ensure_writable_dir, log, progress, write_jsonl_atomic
+from mova_train.media import MediaError, write_mp4
 
 SYNTH_SAMPLE_RATE = 48000
 # (height, width) cycle: two landscape clips, one portrait, one square, so every bucket kind gets sources
@@ -47,7 +48,6 @@ def write_media(
     frames: uint8 [N, H, W, 3]; audio: float32 [S] or [C, S] (C = 1 or 2) or None. A thin layer over
     `mova_train.media.write_mp4` (the project's one mp4 writer) that reports problems as DataToolsError.
     """
-    from mova_train.media import MediaError, write_mp4
 
     try:
         return write_mp4(

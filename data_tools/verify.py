@@ -16,8 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.common import DataToolsError, progress
-from data_tools.shards import TMP_SUFFIX, sha256_path
+from data_tools.common import DataToolsError, progress, sha256_file
+from data_tools.shards import TMP_SUFFIX
+from mova_train.data.contract import (
+    SAMPLE_KEYS,
+    ShardFormatError,
+    decode_sample,
+    load_manifest,
+    validate_sample,
+)
 
 
 @dataclass
@@ -74,14 +81,6 @@ def _iter_samples(path: Path):
 
 
 def verify(folder: str | Path, *, checkpoint: str | Path | None = None) -> VerifyResult:
-    from mova_train.data.contract import (
-        SAMPLE_KEYS,
-        ShardFormatError,
-        decode_sample,
-        load_manifest,
-        validate_sample,
-    )
-
     folder = Path(folder)
     if not folder.is_dir():
         raise DataToolsError(f"shard folder {folder} does not exist")
@@ -92,7 +91,7 @@ def verify(folder: str | Path, *, checkpoint: str | Path | None = None) -> Verif
     result = VerifyResult()
     spec = manifest.sample_spec()
     if checkpoint is not None:
-        from mova_train.codecs import codec_identity
+        from mova_train.codecs import codec_identity  # heavy (transformers, VAEs): only when asked
 
         expected = codec_identity(checkpoint)
         if expected != manifest.codec_identity:
@@ -120,7 +119,7 @@ def verify(folder: str | Path, *, checkpoint: str | Path | None = None) -> Verif
                 f"{info.name}: {path.stat().st_size} bytes, manifest.json says {info.num_bytes}"
             )
             continue
-        if sha256_path(path) != info.sha256:
+        if sha256_file(path) != info.sha256:
             result.problems.append(f"{info.name}: sha256 differs from manifest.json (corrupt or modified)")
             continue
         count = 0

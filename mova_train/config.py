@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mova_train.data.loader import DataConfig, check_data_config, resolve_shards
+from mova_train.data.config import DataConfig, check_shard_spec
+from mova_train.errors import ConfigValueError
 from mova_train.lora.config import LoraConfig, as_lora_config
 from mova_train.names import COMPONENTS, EXPERTS, MODEL_INDEX_NAME
 
@@ -28,10 +29,6 @@ OPTIMIZERS = ("adamw",)
 TRACKING_MODES = ("online", "offline", "disabled")
 # The project root: relative paths in configs (DeepSpeed JSON, demo outputs) may be given relative to it.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-
-class ConfigValueError(ValueError):
-    """A configuration value that cannot work; the message names the field and what is allowed."""
 
 
 @dataclass
@@ -244,17 +241,6 @@ def required_components(cfg: TrainConfig) -> tuple[str, ...]:
     return tuple(c for c in COMPONENTS if c in experts or c not in EXPERTS)
 
 
-def _check_shards(name: str, spec: str) -> None:
-    """Manifest and shard files present (headers only; no sample is read)."""
-    try:
-        resolve_shards(spec)
-    except ValueError as e:
-        message = str(e)
-        raise ConfigValueError(
-            message if message.startswith(name) else f"{name}={spec!r}: {message}"
-        ) from None
-
-
 def validate_config(cfg: TrainConfig) -> TrainConfig:
     """Check every field a user sets; raise ConfigValueError (a ValueError) naming the field. Returns cfg.
 
@@ -326,11 +312,10 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
                 f"objective.high_noise_ratio={o.high_noise_ratio} never trains {idle}, but lora.targets has it"
             )
 
-    # data (the loader's own validation names data.* fields); the shards must exist before any run dir appears
-    check_data_config(cfg.data)
-    _check_shards("data.shards", cfg.data.shards)
+    # data (its own validation names data.* fields); the shards must exist before any run dir appears
+    cfg.data.validated(check_shards=True)
     if cfg.eval.heldout_shards:
-        _check_shards("eval.heldout_shards", cfg.eval.heldout_shards)
+        check_shard_spec("eval.heldout_shards", cfg.eval.heldout_shards)
 
     # optim
     _check_choice("optim.name", opt.name, OPTIMIZERS)

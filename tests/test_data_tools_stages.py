@@ -315,7 +315,8 @@ def test_shard_writer_is_deterministic_atomic_and_journaled(tmp_path):
 
 
 def test_verify_catches_a_damaged_shard_and_a_nan_sample(prepared, tmp_path, capsys):
-    from data_tools.shards import ShardWriter, sha256_path
+    from data_tools.common import sha256_file
+    from data_tools.shards import ShardWriter
     from data_tools.verify import _iter_samples, verify
     from mova_train.data.contract import decode_sample, encode_sample
 
@@ -341,7 +342,7 @@ def test_verify_catches_a_damaged_shard_and_a_nan_sample(prepared, tmp_path, cap
     manifest = json.loads((broken / "manifest.json").read_text())
     for shard in manifest["shards"]:
         if shard["name"] == second.name:
-            shard["sha256"], shard["num_bytes"] = sha256_path(second), second.stat().st_size
+            shard["sha256"], shard["num_bytes"] = sha256_file(second), second.stat().st_size
     (broken / "manifest.json").write_text(json.dumps(manifest))
 
     result = verify(broken)

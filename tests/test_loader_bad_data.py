@@ -7,16 +7,11 @@ import pytest
 import torch
 from webdataset import TarWriter
 
+from mova_train.data.config import DataConfig
 from mova_train.data.contract import encode_sample
-from mova_train.data.loader import (
-    MIN_SAMPLES_FOR_REJECT_CHECK,
-    CodecIdentityError,
-    DataConfig,
-    LoaderError,
-    ShardReadError,
-    TooManyRejectedError,
-    build_loader,
-)
+from mova_train.data.errors import CodecIdentityError, LoaderError, ShardReadError, TooManyRejectedError
+from mova_train.data.loader import build_loader
+from mova_train.data.stats import MIN_SAMPLES_FOR_REJECT_CHECK
 from mova_train.data.synthetic import make_synthetic_sample, shard_name, write_shard, write_shard_set
 
 IDENTITY = "synthetic-codecs"
@@ -133,7 +128,7 @@ def test_truncated_shard_is_counted_when_resampling(tmp_path, num_workers, caplo
     bad = tmp_path / shard_name(2)
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
     loader = _loader(tmp_path, resample=True, num_workers=num_workers, max_rejected_fraction=0.5)
-    with caplog.at_level(logging.WARNING, logger="mova_train.data.loader"):
+    with caplog.at_level(logging.WARNING, logger="mova_train.data"):
         batches = [b for _, b in zip(range(30), loader)]
     assert len(batches) == 30
     stats = loader.stats

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from mova_train.data.loader import DataConfig, build_loader
+from mova_train.data.config import DataConfig
+from mova_train.data.loader import build_loader
 from mova_train.data.synthetic import write_synthetic_shards
 
 TEXT_LEN = 16

@@ -9,14 +9,12 @@ from omegaconf import OmegaConf
 
 from mova_train.bench import main as bench_main
 from mova_train.bench.data import run_loader_bench
+from mova_train.data.config import DataConfig, check_data_config
 from mova_train.data.contract import encode_sample
-from mova_train.data.loader import (
-    DataConfig,
-    LoaderStateError,
-    build_loader,
-    check_data_config,
-)
+from mova_train.data.errors import LoaderStateError
+from mova_train.data.loader import build_loader
 from mova_train.data.synthetic import make_synthetic_sample, write_shard_set, write_synthetic_shards
+from mova_train.errors import ConfigValueError
 
 IDENTITY = "synthetic-codecs"
 TEXT_LEN = 16
@@ -160,6 +158,15 @@ def test_bad_config_fields_are_named(field, value):
     cfg = {"shards": "somewhere", field: value}
     with pytest.raises(ValueError, match=field):
         check_data_config(cfg)
+
+
+def test_data_config_validates_itself_with_config_value_errors(tmp_path):
+    with pytest.raises(ConfigValueError, match=r"^data\.batch_size must be an integer >= 1, got 0$"):
+        DataConfig(shards="d", batch_size=0).validated()
+    assert DataConfig(shards="d", buckets=[" 32x48 "]).validated().buckets == ["32x48"]
+    DataConfig(shards=str(tmp_path / "nowhere")).validated()  # the shards are only resolved when asked
+    with pytest.raises(ConfigValueError, match=r"^data\.shards.*not found"):
+        DataConfig(shards=str(tmp_path / "nowhere")).validated(check_shards=True)
 
 
 def test_hydra_structured_config_is_accepted():

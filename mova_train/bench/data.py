@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from mova_train.data.loader import DataConfig, build_loader
+from mova_train.data.config import DataConfig
+from mova_train.data.loader import build_loader
 from mova_train.data.synthetic import make_synthetic_sample, write_shard_set
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -63,6 +64,11 @@ class SampleSpec:
     spatial_stride: int = 8
     audio_hop: int = 960
     codec_identity: str | None = None
+
+
+def shard_name(rank: int, index: int) -> str:
+    """File name of the `index`-th shard written by `rank` (the manifest lists the names the loader reads)."""
+    return f"shard-{rank:03d}-{index:05d}.tar"
 
 
 def bucket_name(height: int, width: int) -> str:
@@ -219,6 +225,14 @@ class Manifest:
             text_dim=self.text_dim,
             codec_identity=self.codec_identity,
         )
+
+
+def manifest_shapes(shapes: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+    """A bucket's `Manifest.shapes` entry from one sample's tensor shapes: the text length varies from sample to
+    sample, so text is recorded as [-1, D]."""
+    out = {name: list(shape) for name, shape in shapes.items()}
+    out["text"] = [-1, out["text"][-1]]
+    return out
 
 
 def save_manifest(folder: str | Path, manifest: Manifest) -> None:

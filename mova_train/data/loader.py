@@ -41,392 +41,28 @@ import hashlib
 import logging
 import random
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any
 
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.gopen import gopen
-from webdataset.shardlists import expand_urls
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
-from mova_train.data.contract import (
-    JSON_KEY,
-    LATENTS_KEY,
-    MANIFEST_NAME,
-    REQUIRED_TENSORS,
-    SAMPLE_KEYS,
-    Manifest,
-    SampleSpec,
-    ShardFormatError,
-    all_finite,
-    decode_sample,
-    load_manifest,
-    parse_bucket,
-    validate_sample,
+from mova_train.data.batch import Batch, ParsedSample, build_batch
+from mova_train.data.config import DataConfig, check_data_config
+from mova_train.data.contract import MANIFEST_NAME, Manifest, SampleSpec, ShardFormatError
+from mova_train.data.errors import (
+    CodecIdentityError,
+    LoaderError,
+    LoaderStateError,
+    ShardReadError,
+    TooManyRejectedError,
 )
+from mova_train.data.reader import Rejection, SampleChecks, iter_shard
+from mova_train.data.shards import ShardSet, resolve_shards
+from mova_train.data.stats import check_rejected, empty_stats, merge_stats
 
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-# Below this many samples per reader a few bad clips would look like a large fraction; the end-of-epoch check
-# still covers small finite runs.
-MIN_SAMPLES_FOR_REJECT_CHECK = 32
-
-# Rejection reasons reported in `.stats["rejected"]`.
-REASONS = (
-    "missing_member",  # the sample lacks `json` or `latents.safetensors`
-    "decode_error",  # metadata not JSON or latents not safetensors
-    "codec_identity",  # encoded by other codecs than the manifest / base checkpoint
-    "non_finite",  # NaN or Inf in a latent
-    "invalid",  # metadata or shapes break the contract (validate_sample)
-    "key_mismatch",  # tar key differs from metadata clip_id
-    "shape_mismatch",  # shapes differ from the manifest's shapes for the bucket
-    "text_too_long",  # more text tokens than text_len
-    "corrupt_shard",  # samples lost to a truncated or unreadable shard
-)
-
-
-class LoaderError(ValueError):
-    """A data-loading problem caused by the data or the configuration; the message says which and where."""
-
-
-class CodecIdentityError(LoaderError):
-    """The shards were encoded by other codecs than the base checkpoint's."""
-
-
-class ShardReadError(LoaderError):
-    """A shard that cannot be opened or read to its end (missing, truncated, corrupt)."""
-
-
-class TooManyRejectedError(LoaderError):
-    """More samples than `max_rejected_fraction` failed validation."""
-
-
-class LoaderStateError(LoaderError):
-    """A saved loader state that does not fit this loader (other config, other shards, changed files)."""
-
-
-@dataclass
-class DataConfig:
-    """Hydra group `data`: where the shards are and how to stream them."""
-
-    shards: str = ""  # folder with manifest.json, or a brace-expanded URL list "dir/shard-{000..003}.tar"
-    batch_size: int = 1
-    num_workers: int = 0
-    shuffle_buffer: int = 64  # samples held per reader for shuffling; 0 or 1 = read order
-    shuffle_shards: bool = True
-    resample: bool = True  # infinite multi-epoch stream; false = one epoch per iter()
-    buckets: list[str] | None = None  # keep only these buckets ("HxW"), None = all
-    validate: bool = True
-    max_rejected_fraction: float = 0.1
-
-
-def check_data_config(cfg: DataConfig | Mapping[str, Any]) -> DataConfig:
-    """Return `cfg` as a validated DataConfig (accepts a dict or an OmegaConf DictConfig too)."""
-    if not isinstance(cfg, DataConfig):
-        if hasattr(cfg, "_metadata"):  # OmegaConf container; imported lazily to keep this module light
-            from omegaconf import OmegaConf
-
-            cfg = OmegaConf.to_container(cfg, resolve=True)
-        if not isinstance(cfg, Mapping):
-            raise ValueError(f"data config must be a DataConfig or a mapping, got {type(cfg).__name__}")
-        known = {f.name for f in fields(DataConfig)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(f"data: unknown field(s) {unknown}; known: {sorted(known)}")
-        cfg = DataConfig(**dict(cfg))
-    if not isinstance(cfg.shards, str) or not cfg.shards.strip():
-        raise ValueError("data.shards must name a shard folder (with manifest.json) or a shard URL list")
-    for name in ("batch_size", "num_workers", "shuffle_buffer"):
-        value = getattr(cfg, name)
-        low = 1 if name == "batch_size" else 0
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"data.{name} must be an integer >= {low}, got {value!r}")
-    for name in ("shuffle_shards", "resample", "validate"):
-        if not isinstance(getattr(cfg, name), bool):
-            raise ValueError(f"data.{name} must be true or false, got {getattr(cfg, name)!r}")
-    frac = cfg.max_rejected_fraction
-    if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 <= frac <= 1.0:
-        raise ValueError(f"data.max_rejected_fraction must be in [0, 1], got {frac!r}")
-    if cfg.buckets is not None:
-        buckets = list(cfg.buckets)
-        if not buckets:
-            raise ValueError("data.buckets must be null (all buckets) or a non-empty list of 'HxW' strings")
-        for b in buckets:
-            if not isinstance(b, str):
-                raise ValueError(f"data.buckets entries must be 'HxW' strings, got {b!r}")
-            try:
-                parse_bucket(b)
-            except ValueError as e:
-                raise ValueError(f"data.buckets: {e}") from None
-        cfg = replace(cfg, buckets=[b.strip() for b in buckets])
-    return cfg
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Shard set
-
-
-@dataclass(frozen=True)
-class ShardSet:
-    """The shards to read, in canonical order, with their sample counts when a manifest gives them."""
-
-    urls: tuple[str, ...]
-    num_samples: tuple[int | None, ...]
-    manifest: Manifest | None = None
-    manifest_path: str | None = None
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(u.rstrip("/").rsplit("/", 1)[-1] for u in self.urls)
-
-    def fingerprint(self) -> str:
-        """Names and counts, not paths, so a moved shard folder still resumes."""
-        text = "\n".join(f"{n}:{c}" for n, c in zip(self.names, self.num_samples))
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-def _is_local(url: str) -> bool:
-    return "://" not in url and not url.startswith("pipe:")
-
-
-def resolve_shards(spec: str) -> ShardSet:
-    """Read a shard folder's manifest, or expand a URL list (and use a manifest next to it when there is one)."""
-    spec = spec.strip()
-    folder = Path(spec)
-    if _is_local(spec) and folder.is_dir():
-        manifest = load_manifest(folder)
-        if not manifest.shards:
-            raise ShardFormatError(f"{folder / MANIFEST_NAME} lists no shards")
-        urls = tuple(str(folder / s.name) for s in manifest.shards)
-        missing = [u for u in urls if not Path(u).is_file()]
-        if missing:
-            raise ShardReadError(
-                f"{len(missing)} shard(s) listed in {folder / MANIFEST_NAME} are missing, e.g. {missing[0]}"
-            )
-        for s, u in zip(manifest.shards, urls):
-            size = Path(u).stat().st_size
-            if s.num_bytes and size != s.num_bytes:
-                logger.warning(
-                    "shard %s has %d bytes, the manifest says %d: truncated or rewritten?",
-                    u,
-                    size,
-                    s.num_bytes,
-                )
-        counts = tuple(s.num_samples for s in manifest.shards)
-        return ShardSet(urls, counts, manifest, str(folder / MANIFEST_NAME))
-
-    try:
-        urls = tuple(expand_urls(spec))
-    except (AssertionError, ValueError) as e:  # webdataset asserts on an unset ${VAR}
-        raise ValueError(f"data.shards {spec!r} cannot be expanded: {e}") from None
-    if not urls:
-        raise ValueError(f"data.shards {spec!r} expands to no shard")
-    if len(set(urls)) != len(urls):
-        raise ValueError(f"data.shards {spec!r} names some shard twice")
-    if _is_local(spec) and not any(ch in spec for ch in "{}") and spec.endswith(MANIFEST_NAME):
-        raise ValueError(f"data.shards: give the folder {str(Path(spec).parent)!r}, not its {MANIFEST_NAME}")
-    local = all(_is_local(u) for u in urls)
-    if local:
-        missing = [u for u in urls if not Path(u).is_file()]
-        if missing:
-            raise ShardReadError(f"data.shards: {len(missing)} shard file(s) not found, e.g. {missing[0]}")
-    manifest = manifest_path = None
-    counts: tuple[int | None, ...] = (None,) * len(urls)
-    parents = {str(Path(u).parent) for u in urls} if local else set()
-    if len(parents) == 1:
-        parent = Path(parents.pop())
-        if (parent / MANIFEST_NAME).is_file():
-            manifest = load_manifest(parent)
-            manifest_path = str(parent / MANIFEST_NAME)
-            by_name = {s.name: s.num_samples for s in manifest.shards}
-            unknown = [u for u in urls if Path(u).name not in by_name]
-            if unknown:
-                raise ShardFormatError(f"{manifest_path} does not list shard {unknown[0]}")
-            counts = tuple(by_name[Path(u).name] for u in urls)
-    return ShardSet(urls, counts, manifest, manifest_path)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Batches
-
-
-@dataclass
-class Batch:
-    """One training batch; every sample in it has the same bucket and shapes."""
-
-    video: torch.Tensor  # [B, 16, T, h, w] normalised video latents
-    first_frame: torch.Tensor  # [B, 16, T, h, w] latent of [frame0, grey...] (the I2V condition, no mask)
-    audio: torch.Tensor  # [B, Ca, L] DAC latents
-    text: torch.Tensor  # [B, text_len, Dt] text embeddings, zero beyond text_lengths
-    text_lengths: torch.Tensor  # [B] int64
-    keys: list[str]
-    bucket: str
-    meta: list[dict] = field(default_factory=list)  # the samples' JSON metadata (caption, fps, ...)
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def to(
-        self, device: torch.device | str, dtype: torch.dtype | None = None, non_blocking: bool = False
-    ) -> Batch:
-        """Move the tensors (and cast the float ones when `dtype` is given); keys and metadata are shared."""
-
-        def move(t: torch.Tensor) -> torch.Tensor:
-            return t.to(
-                device=device,
-                dtype=dtype if dtype and t.is_floating_point() else None,
-                non_blocking=non_blocking,
-            )
-
-        return Batch(
-            video=move(self.video),
-            first_frame=move(self.first_frame),
-            audio=move(self.audio),
-            text=move(self.text),
-            text_lengths=self.text_lengths.to(device, non_blocking=non_blocking),
-            keys=self.keys,
-            bucket=self.bucket,
-            meta=self.meta,
-        )
-
-
-@dataclass
-class _Sample:
-    ref: list  # [stream position j, index in shard, key]
-    group: str  # batch-compatibility key: bucket, shapes, dtypes
-    meta: dict
-    tensors: dict[str, torch.Tensor]
-
-
-class _Rejection(NamedTuple):
-    reason: str  # one of REASONS
-    message: str
-
-
-def _group_key(meta: dict, tensors: dict[str, torch.Tensor]) -> str:
-    def shape(name: str) -> str:
-        return "x".join(str(d) for d in tensors[name].shape)
-
-    dtypes = ",".join(str(tensors[n].dtype).removeprefix("torch.") for n in REQUIRED_TENSORS)
-    return (
-        f"{meta['bucket']}|video={shape('video')}|first={shape('first_frame')}|audio={shape('audio')}"
-        f"|text_dim={tensors['text'].shape[-1]}|{dtypes}"
-    )
-
-
-def _build_batch(samples: list[_Sample], text_len: int) -> Batch:
-    text0 = samples[0].tensors["text"]
-    text = torch.zeros(len(samples), text_len, text0.shape[-1], dtype=text0.dtype)  # [B, text_len, Dt]
-    lengths = torch.zeros(len(samples), dtype=torch.int64)
-    for i, s in enumerate(samples):
-        n = s.tensors["text"].shape[0]
-        text[i, :n] = s.tensors["text"]
-        lengths[i] = n
-    return Batch(
-        video=torch.stack([s.tensors["video"] for s in samples]),
-        first_frame=torch.stack([s.tensors["first_frame"] for s in samples]),
-        audio=torch.stack([s.tensors["audio"] for s in samples]),
-        text=text,
-        text_lengths=lengths,
-        keys=[s.ref[2] for s in samples],
-        bucket=samples[0].meta["bucket"],
-        meta=[s.meta for s in samples],
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reading one shard
-
-
-def _wanted_member(fname: str) -> bool:
-    # Only the contract's two members are ever read; anything else (e.g. a pickle someone added) is skipped unread.
-    return fname.endswith("." + JSON_KEY) or fname.endswith("." + LATENTS_KEY)
-
-
-def iter_shard(url: str, *, skip: int = 0) -> Iterator[tuple[int, dict]]:
-    """Yield `(index, raw sample)` for the complete samples of a tar shard, from sample `skip` on.
-
-    A raw sample is `{"__key__": key, "json": bytes, "latents.safetensors": bytes}` (members may be missing).
-    Skipped samples are passed over without being kept. Raises ShardReadError naming the shard when it cannot be
-    opened or ends in the middle of a member; the sample being read at that point is dropped.
-    """
-    try:
-        stream = gopen(url, "rb")
-    except Exception as e:
-        raise ShardReadError(f"shard {url}: cannot open ({type(e).__name__}: {e})") from None
-    index = 0
-    current: dict | None = None
-    try:
-        for member in tar_file_iterator(stream, select_files=_wanted_member):
-            prefix, suffix = base_plus_ext(member["fname"])
-            if prefix is None:
-                continue
-            if current is None or prefix != current["__key__"]:
-                if current is not None:
-                    if index >= skip:
-                        yield index, current
-                    index += 1
-                current = {"__key__": prefix}
-            if suffix in current:
-                raise ShardReadError(
-                    f"shard {url}: member {member['fname']!r} appears twice in sample {prefix!r}"
-                )
-            current[suffix] = member["data"] if index >= skip else b""
-        if current is not None and index >= skip:
-            yield index, current
-    except ShardReadError:
-        raise
-    except Exception as e:  # tarfile/zlib/OS errors of a truncated or corrupt archive
-        detail = str(e).split(" @ ")[0]  # webdataset appends the repr of the file object
-        raise ShardReadError(
-            f"shard {url}: corrupt or truncated tar after {index} complete sample(s) ({type(e).__name__}: {detail})"
-        ) from None
-    finally:
-        stream.close()
-
-
-def count_shard_samples(url: str) -> int:
-    """Number of samples in a shard (reads it through; raises ShardReadError if it is truncated)."""
-    return sum(1 for _ in iter_shard(url))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Stats
-
-
-def _empty_stats() -> dict:
-    return {"seen": 0, "accepted": 0, "filtered": 0, "rejected": {}, "shard_errors": 0, "examples": {}}
-
-
-def _merge_stats(parts: list[dict]) -> dict:
-    out = _empty_stats()
-    for p in parts:
-        for k in ("seen", "accepted", "filtered", "shard_errors"):
-            out[k] += p[k]
-        for reason, n in p["rejected"].items():
-            out["rejected"][reason] = out["rejected"].get(reason, 0) + n
-        for reason, msg in p["examples"].items():
-            out["examples"].setdefault(reason, msg)
-    out["rejected"] = dict(sorted(out["rejected"].items()))
-    out["rejected_total"] = sum(out["rejected"].values())
-    return out
-
-
-def _check_rejected(stats: dict, max_fraction: float, where: str, *, final: bool) -> None:
-    seen = stats["seen"]
-    rejected = sum(stats["rejected"].values())
-    if seen == 0 or (not final and seen < MIN_SAMPLES_FOR_REJECT_CHECK):
-        return
-    if rejected > max_fraction * seen:
-        reasons = ", ".join(f"{r}={n}" for r, n in sorted(stats["rejected"].items()))
-        examples = "; ".join(f"[{r}] {m}" for r, m in sorted(stats["examples"].items()))
-        raise TooManyRejectedError(
-            f"{where}: {rejected} of {seen} samples rejected ({rejected / seen:.1%} > "
-            f"data.max_rejected_fraction={max_fraction}); by reason: {reasons}. Examples: {examples}"
-        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -473,7 +109,7 @@ def _fresh_slot_state(plan: _Plan, worker: int, epoch: int) -> dict:
         "pending": [],
         "done": False,
         "shards_without_sample": 0,
-        "stats": _empty_stats(),
+        "stats": empty_stats(),
     }
 
 
@@ -492,6 +128,14 @@ class _SlotReader:
         self._perm_pass = -1
         self._perm: list[int] = []
         self.where = f"rank {plan.rank} reader {worker}"
+        self.checks = SampleChecks(
+            text_len=plan.text_len,
+            spec=plan.spec,
+            sample_identity=plan.sample_identity,
+            validate=self.cfg.validate,
+            buckets=self.cfg.buckets,
+            manifest=plan.shards.manifest,
+        )
         self.warned: set[str] = set()
 
     # -- shard stream -----------------------------------------------------------------------------------------
@@ -519,82 +163,21 @@ class _SlotReader:
         stats = self.state["stats"]
         stats["rejected"][reason] = stats["rejected"].get(reason, 0) + count
         stats["examples"].setdefault(reason, message[:500])
-        _check_rejected(stats, self.cfg.max_rejected_fraction, self.where, final=False)
+        check_rejected(stats, self.cfg.max_rejected_fraction, self.where, final=False)
 
-    def parse(self, raw: dict, j: int, index: int, url: str) -> _Sample | _Rejection | None:
-        """A valid sample, a rejection (reason, message), or None if data.buckets filters it out."""
-        key = raw["__key__"]
-        at = f"sample {key!r} in {url}"
-        missing = [k for k in SAMPLE_KEYS if k not in raw]
-        if missing:
-            return _Rejection("missing_member", f"{at}: missing member(s) {missing}")
-        try:
-            meta, tensors = decode_sample(raw, where=url)
-        except ShardFormatError as e:
-            return _Rejection("decode_error", str(e))
-        identity = meta.get("codec_identity")
-        if self.plan.sample_identity is not None and identity != self.plan.sample_identity:
-            return _Rejection(
-                "codec_identity", f"{at}: codec identity {identity!r}, expected {self.plan.sample_identity!r}"
-            )
-        absent = [n for n in REQUIRED_TENSORS if n not in tensors]
-        if absent or not isinstance(meta.get("bucket"), str):
-            return _Rejection("invalid", f"{at}: latents lack {absent} or metadata lacks 'bucket'")
-        tensors = {n: tensors[n] for n in REQUIRED_TENSORS}  # optional extra features are not batched
-        if self.cfg.validate:
-            bad = [
-                n for n in REQUIRED_TENSORS if tensors[n].is_floating_point() and not all_finite(tensors[n])
-            ]
-            if bad:
-                return _Rejection("non_finite", f"{at}: {bad} hold NaN or Inf")
-            try:
-                validate_sample(meta, tensors, expect=self.plan.spec, where=url, check_finite=False)
-            except ShardFormatError as e:
-                return _Rejection("invalid", str(e))
-            if meta["clip_id"] != key:
-                return _Rejection("key_mismatch", f"{at}: metadata clip_id is {meta['clip_id']!r}")
-            problem = self.check_manifest_shapes(meta, tensors)
-            if problem:
-                return _Rejection("shape_mismatch", f"{at}: {problem}")
-        elif tensors["text"].ndim != 2:
-            return _Rejection(
-                "invalid", f"{at}: text embedding shape {list(tensors['text'].shape)}, expected [tokens, D]"
-            )
-        if tensors["text"].shape[0] > self.plan.text_len:
-            n = tensors["text"].shape[0]
-            return _Rejection("text_too_long", f"{at}: {n} text tokens > text_len {self.plan.text_len}")
-        if self.cfg.buckets is not None and meta["bucket"] not in self.cfg.buckets:
-            return None
-        return _Sample([j, index, key], _group_key(meta, tensors), meta, tensors)
-
-    def check_manifest_shapes(self, meta: dict, tensors: dict[str, torch.Tensor]) -> str | None:
-        manifest = self.plan.shards.manifest
-        if manifest is None or not manifest.shapes:
-            return None
-        shapes = manifest.shapes.get(meta["bucket"])
-        if shapes is None:
-            return f"bucket {meta['bucket']!r} is not in the manifest (buckets: {sorted(manifest.shapes)})"
-        for name, want in shapes.items():
-            if name not in tensors:
-                continue
-            got = list(tensors[name].shape)
-            if len(got) != len(want) or any(w != -1 and w != g for w, g in zip(want, got)):
-                return f"{name} shape {got}, the manifest says {want} for bucket {meta['bucket']}"
-        return None
-
-    def materialise(self, refs: list[list]) -> list[_Sample]:
+    def materialise(self, refs: list[list]) -> list[ParsedSample]:
         """Re-read the samples a saved state refers to (they passed validation once, so they must again)."""
         by_pos: dict[int, set[int]] = {}
         for j, index, _ in refs:
             by_pos.setdefault(j, set()).add(index)
-        found: dict[tuple[int, int], _Sample] = {}
+        found: dict[tuple[int, int], ParsedSample] = {}
         for j, wanted in by_pos.items():
             url = self.url(j)
             try:
                 for index, raw in iter_shard(url, skip=min(wanted)):
                     if index in wanted:
-                        parsed = self.parse(raw, j, index, url)
-                        if not isinstance(parsed, _Sample):
+                        parsed = self.checks.parse(raw, j, index, url)
+                        if not isinstance(parsed, ParsedSample):
                             raise LoaderStateError(
                                 f"resume: sample {index} of {url} no longer passes validation ({parsed!r}); "
                                 "the shards changed since the checkpoint"
@@ -616,7 +199,7 @@ class _SlotReader:
         return out
 
     # -- the stream -------------------------------------------------------------------------------------------
-    def snapshot(self, buffer: list[_Sample], pending: dict[str, list[_Sample]]) -> dict:
+    def snapshot(self, buffer: list[ParsedSample], pending: dict[str, list[ParsedSample]]) -> dict:
         st = self.state
         snap = _copy_state(st)
         snap["buffer"] = [list(s.ref) for s in buffer]
@@ -629,7 +212,7 @@ class _SlotReader:
         if st["done"]:
             return
         buffer = self.materialise(st["buffer"])
-        pending: dict[str, list[_Sample]] = {}
+        pending: dict[str, list[ParsedSample]] = {}
         for s in self.materialise(st["pending"]):
             pending.setdefault(s.group, []).append(s)
         cfg = self.cfg
@@ -637,13 +220,13 @@ class _SlotReader:
         n = len(self.plan.shards.urls)
         num_slots = self.plan.num_slots
 
-        def add(sample: _Sample) -> Batch | None:
+        def add(sample: ParsedSample) -> Batch | None:
             group = pending.setdefault(sample.group, [])
             group.append(sample)
             if len(group) < cfg.batch_size:
                 return None
             del pending[sample.group]
-            return _build_batch(group, self.plan.text_len)
+            return build_batch(group, self.plan.text_len)
 
         while self.stream_end is None or st["cursor"] < self.stream_end:
             j = st["cursor"]
@@ -654,11 +237,11 @@ class _SlotReader:
                 for index, raw in iter_shard(url, skip=st["offset"]):
                     st["offset"] = index + 1
                     stats["seen"] += 1
-                    parsed = self.parse(raw, j, index, url)
+                    parsed = self.checks.parse(raw, j, index, url)
                     if parsed is None:
                         stats["filtered"] += 1
                         continue
-                    if isinstance(parsed, _Rejection):
+                    if isinstance(parsed, Rejection):
                         self.reject(parsed.reason, parsed.message)
                         continue
                     stats["accepted"] += 1
@@ -702,7 +285,7 @@ class _SlotReader:
                     buckets = f" matching data.buckets={cfg.buckets}" if cfg.buckets else ""
                     raise LoaderError(
                         f"{self.where}: read {st['shards_without_sample']} shards without one usable "
-                        f"sample{buckets}; stats: {_merge_stats([stats])}"
+                        f"sample{buckets}; stats: {merge_stats([stats])}"
                     )
 
         # End of a finite epoch: drain the buffer in draw order, then flush partial batches in a fixed order.
@@ -712,7 +295,7 @@ class _SlotReader:
                 yield batch, self.snapshot(buffer, pending)
         for group in sorted(pending):
             samples = pending.pop(group)
-            yield _build_batch(samples, self.plan.text_len), self.snapshot(buffer, pending)
+            yield build_batch(samples, self.plan.text_len), self.snapshot(buffer, pending)
         st["done"] = True
         yield None, self.snapshot(buffer, pending)
 
@@ -789,7 +372,7 @@ class ShardLoader:
         self._next_worker = 0
         self._num_batches = 0
         self._epoch_batches = 0
-        self._past_stats = _empty_stats()
+        self._past_stats = empty_stats()
         self._generation = 0
 
     # -- public properties ------------------------------------------------------------------------------------
@@ -813,10 +396,10 @@ class ShardLoader:
     @property
     def stats(self) -> dict:
         """Samples seen / accepted / filtered by bucket, rejected by reason (with one example message each)."""
-        return _merge_stats([self._past_stats] + [s["stats"] for s in self._states.values()])
+        return merge_stats([self._past_stats] + [s["stats"] for s in self._states.values()])
 
     def _epoch_stats(self) -> dict:
-        return _merge_stats([s["stats"] for s in self._states.values()])
+        return merge_stats([s["stats"] for s in self._states.values()])
 
     # -- iteration --------------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Batch]:
@@ -860,7 +443,7 @@ class ShardLoader:
                 )
             self._states[worker] = state
             self._next_worker = (worker + 1) % n_readers
-            _check_rejected(self._epoch_stats(), self.cfg.max_rejected_fraction, where, final=False)
+            check_rejected(self._epoch_stats(), self.cfg.max_rejected_fraction, where, final=False)
             if batch is None:
                 continue
             self._num_batches += 1
@@ -871,14 +454,14 @@ class ShardLoader:
         if generation != self._generation:
             return
         stats = self._epoch_stats()
-        _check_rejected(stats, self.cfg.max_rejected_fraction, f"{where}, epoch {self._epoch}", final=True)
+        check_rejected(stats, self.cfg.max_rejected_fraction, f"{where}, epoch {self._epoch}", final=True)
         if self._epoch_batches == 0:
             raise LoaderError(
                 f"{where}: epoch {self._epoch} produced no batch from {len(self.plan.shards.urls)} shard(s)"
                 + (f" with data.buckets={self.cfg.buckets}" if self.cfg.buckets else "")
                 + f"; stats: {stats}"
             )
-        self._past_stats = _merge_stats([self._past_stats, stats])
+        self._past_stats = merge_stats([self._past_stats, stats])
         self._epoch += 1
         self._states = {}
         self._next_worker = 0
@@ -1037,21 +620,4 @@ def build_loader(
     return ShardLoader(plan)
 
 
-__all__ = [
-    "MIN_SAMPLES_FOR_REJECT_CHECK",
-    "REASONS",
-    "Batch",
-    "CodecIdentityError",
-    "DataConfig",
-    "LoaderError",
-    "LoaderStateError",
-    "ShardLoader",
-    "ShardReadError",
-    "ShardSet",
-    "TooManyRejectedError",
-    "build_loader",
-    "check_data_config",
-    "count_shard_samples",
-    "iter_shard",
-    "resolve_shards",
-]
+__all__ = ["STATE_VERSION", "ShardLoader", "build_loader"]

@@ -15,13 +15,16 @@ import torch
 from webdataset import TarWriter
 
 from mova_train.data.contract import (
+    REQUIRED_TENSORS,
     SCHEMA_VERSION,
     Manifest,
     ShardInfo,
     encode_sample,
+    manifest_shapes,
     parse_bucket,
     save_manifest,
 )
+from mova_train.data.contract import shard_name as contract_shard_name
 
 Sample = tuple[dict, dict[str, torch.Tensor]]
 
@@ -76,7 +79,7 @@ def make_synthetic_sample(
 
 
 def shard_name(index: int, rank: int = 0) -> str:
-    return f"shard-{rank:03d}-{index:05d}.tar"
+    return contract_shard_name(rank, index)
 
 
 def write_shard(path: str | os.PathLike, samples: Sequence[Sample]) -> None:
@@ -112,13 +115,7 @@ def write_shard_set(
         for meta, tensors in samples:
             buckets[meta["bucket"]] = buckets.get(meta["bucket"], 0) + 1
             shapes.setdefault(
-                meta["bucket"],
-                {
-                    "video": list(tensors["video"].shape),
-                    "first_frame": list(tensors["first_frame"].shape),
-                    "audio": list(tensors["audio"].shape),
-                    "text": [-1, tensors["text"].shape[-1]],
-                },
+                meta["bucket"], manifest_shapes({n: tensors[n].shape for n in REQUIRED_TENSORS})
             )
     all_samples = [s for shard in shards for s in shard]
     manifest = Manifest(

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from mova_train import run_layout as layout
 from mova_train.checkpoint_io import write_json_atomic
 from mova_train.config import TrainConfig, config_to_dict, resolve_path
-from mova_train.data.loader import resolve_shards
+from mova_train.data.shards import resolve_shards
 from mova_train.lora import (
     META_BASE_IDENTITY,
     META_STEP,

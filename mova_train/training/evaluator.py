@@ -15,7 +15,8 @@ import torch
 from mova_train import run_layout as layout
 from mova_train.codecs import load_codecs
 from mova_train.config import TrainConfig, resolve_path
-from mova_train.data.loader import DataConfig, build_loader
+from mova_train.data.config import DataConfig
+from mova_train.data.loader import build_loader
 from mova_train.sampling.evaluate import heldout_loss, log_renders_to_wandb, render_eval, sync_summary
 from mova_train.training.distributed import barrier
 from mova_train.training.objective import FlowMatchingObjective

@@ -1,0 +1,98 @@
+"""Hydra group `data`: where the shards are and how to stream them, and the validation of its fields
+(ConfigValueError naming the `data.*` field)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from mova_train.data.contract import parse_bucket
+from mova_train.data.shards import resolve_shards
+from mova_train.errors import ConfigValueError
+
+
+@dataclass
+class DataConfig:
+    """Hydra group `data`: where the shards are and how to stream them."""
+
+    shards: str = ""  # folder with manifest.json, or a brace-expanded URL list "dir/shard-{000..003}.tar"
+    batch_size: int = 1
+    num_workers: int = 0
+    shuffle_buffer: int = 64  # samples held per reader for shuffling; 0 or 1 = read order
+    shuffle_shards: bool = True
+    resample: bool = True  # infinite multi-epoch stream; false = one epoch per iter()
+    buckets: list[str] | None = None  # keep only these buckets ("HxW"), None = all
+    validate: bool = True
+    max_rejected_fraction: float = 0.1
+
+    # Named `validated`, not `validate`: `validate` is the data.validate field above.
+    def validated(self, *, check_shards: bool = False) -> DataConfig:
+        """This config with bucket names stripped; raises ConfigValueError naming the first data.* field that
+        cannot work. `check_shards` also resolves data.shards (manifest and shard files present, no sample read),
+        as the training config's validation does before any run folder exists."""
+        if not isinstance(self.shards, str) or not self.shards.strip():
+            raise ConfigValueError(
+                "data.shards must name a shard folder (with manifest.json) or a shard URL list"
+            )
+        for name in ("batch_size", "num_workers", "shuffle_buffer"):
+            value = getattr(self, name)
+            low = 1 if name == "batch_size" else 0
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigValueError(f"data.{name} must be an integer >= {low}, got {value!r}")
+        for name in ("shuffle_shards", "resample", "validate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigValueError(f"data.{name} must be true or false, got {getattr(self, name)!r}")
+        frac = self.max_rejected_fraction
+        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 <= frac <= 1.0:
+            raise ConfigValueError(f"data.max_rejected_fraction must be in [0, 1], got {frac!r}")
+        cfg = self
+        if self.buckets is not None:
+            buckets = list(self.buckets)
+            if not buckets:
+                raise ConfigValueError(
+                    "data.buckets must be null (all buckets) or a non-empty list of 'HxW' strings"
+                )
+            for b in buckets:
+                if not isinstance(b, str):
+                    raise ConfigValueError(f"data.buckets entries must be 'HxW' strings, got {b!r}")
+                try:
+                    parse_bucket(b)
+                except ValueError as e:
+                    raise ConfigValueError(f"data.buckets: {e}") from None
+            cfg = replace(self, buckets=[b.strip() for b in buckets])
+        if check_shards:
+            check_shard_spec("data.shards", self.shards)
+        return cfg
+
+
+def check_data_config(cfg: DataConfig | Mapping[str, Any]) -> DataConfig:
+    """Return `cfg` as a validated DataConfig (accepts a dict or an OmegaConf DictConfig too)."""
+    if not isinstance(cfg, DataConfig):
+        if hasattr(cfg, "_metadata"):  # OmegaConf container; imported lazily to keep this module light
+            from omegaconf import OmegaConf
+
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+        if not isinstance(cfg, Mapping):
+            raise ConfigValueError(f"data config must be a DataConfig or a mapping, got {type(cfg).__name__}")
+        known = {f.name for f in fields(DataConfig)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ConfigValueError(f"data: unknown field(s) {unknown}; known: {sorted(known)}")
+        cfg = DataConfig(**dict(cfg))
+    return cfg.validated()
+
+
+def check_shard_spec(name: str, spec: str) -> None:
+    """The shards `spec` names exist: manifest and shard files present (headers only; no sample is read).
+    Raises ConfigValueError naming the config field `name` (data.shards, eval.heldout_shards)."""
+    try:
+        resolve_shards(spec)
+    except ValueError as e:
+        message = str(e)
+        raise ConfigValueError(
+            message if message.startswith(name) else f"{name}={spec!r}: {message}"
+        ) from None
+
+
+__all__ = ["DataConfig", "check_data_config", "check_shard_spec"]
