@@ -5,7 +5,6 @@ Every table a stage writes (sources, clip plan, report) is JSON Lines, one objec
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -16,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from mova_train.checkpoint_io import write_bytes_atomic
+from mova_train.checkpoint_io import sha256_file, write_bytes_atomic  # noqa: F401 - sha256_file: data_tools API
 
 DATA_TOOLS_VERSION = "0.1.0"
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi")
@@ -101,14 +100,6 @@ def sanitize_id(text: str) -> str:
     """A WebDataset key: letters, digits, '_' and '-' only (other runs of characters become '_')."""
     cleaned = _ID_BAD_CHARS.sub("_", text).strip("_")
     return cleaned or "clip"
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict]) -> None:

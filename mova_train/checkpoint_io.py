@@ -6,6 +6,7 @@ naming the file, the key and the shapes, never a stack trace from deep inside to
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -38,6 +39,15 @@ _SAFETENSORS_DTYPES = {
 
 class CheckpointError(ValueError):
     """A checkpoint folder or file that cannot be loaded as asked; the message names what and where."""
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_json(path: str | os.PathLike) -> dict:

@@ -11,7 +11,8 @@ sampler and `doctor` read it through these functions instead of re-deriving path
       logs/rank{N}.alive            touched every few seconds while rank N runs (names a stalled peer)
       eval/                         renders and eval.jsonl
       checkpoints/step-XXXXXXXX/    complete checkpoints (written as .tmp-step-XXXXXXXX, renamed when complete)
-        trainer_state.json          written last: its presence marks the checkpoint complete
+        trainer_state.json          its presence marks the checkpoint complete
+        commit.json                 size and sha256 of every other file; resume verifies it
         adapter/                    adapters.safetensors + adapter_config.json
         optimizer.safetensors/.json optimizer state without DeepSpeed
         deepspeed/                  the DeepSpeed engine's own part
@@ -29,6 +30,7 @@ from pathlib import Path
 CHECKPOINTS_DIR = "checkpoints"
 LOCK_FILE = ".lock"  # held by the running job (mova_train.training.run_lock)
 STATE_FILE = "trainer_state.json"
+COMMIT_FILE = "commit.json"  # every other file's size and sha256, written last before the rename
 ADAPTER_DIR = "adapter"
 DEEPSPEED_DIR = "deepspeed"
 CONFIG_FILE = "config.yaml"

@@ -10,9 +10,12 @@ import json
 import math
 import os
 import re
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from mova_train.config import PROJECT_ROOT, to_train_config, validate_config
 from mova_train.data.synthetic import make_synthetic_sample, write_shard_set
 from mova_train.models.checkpoint import read_mova_config
 from mova_train.training import signals
+from mova_train.training.checkpoint import ResumeError, verify_checkpoint
 from mova_train.training.run_lock import RunDirLockedError, RunLock
 from mova_train.training.synthetic import write_random_shards_for
 from mova_train.training.trainer import Trainer, run
@@ -247,3 +251,75 @@ def test_fatal_errors_reach_the_rank_log(tiny_checkpoint, tmp_path):
         run(compose_train(overrides))
     log = (run_dir / "logs" / "rank0.log").read_text()
     assert "training stopped by TooManyRejectedError" in log and str(err.value).splitlines()[0] in log
+
+
+# ------------------------------------------------------------------------------------------------- item 5
+def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_resumed(
+    tiny_checkpoint, shards, tmp_path, caplog
+):
+    base = ["trainer.save_every=1", "trainer.keep_last=0"]
+    run(
+        compose_train(tiny_overrides(tiny_checkpoint, shards, tmp_path / "ref", *base, "trainer.max_steps=6"))
+    )
+    reference = [r["loss"] for r in read_metrics(tmp_path / "ref")]
+    reset_accelerate()
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(tiny_checkpoint, shards, run_dir, *base)
+    run(compose_train([*overrides, "trainer.max_steps=4"]))
+    step4 = run_layout.checkpoints_dir(run_dir) / run_layout.checkpoint_name(4)
+    damaged = step4 / "adapter" / "adapters.safetensors"
+    damaged.write_bytes(
+        damaged.read_bytes()[: damaged.stat().st_size // 2]
+    )  # cut in half, as a crash of the disk
+    reset_accelerate()
+    with pytest.raises(ResumeError, match=rf"{re.escape(str(damaged))} has \d+ bytes, \d+ were written"):
+        run(compose_train([*overrides, "trainer.max_steps=6", f"trainer.resume={step4}"]))
+    reset_accelerate()
+    run(compose_train([*overrides, "trainer.max_steps=6"]))
+    assert f"{damaged} has" in caplog.text and "newest intact checkpoint" in caplog.text
+    info = json.loads((run_dir / run_layout.RUN_INFO_FILE).read_text())
+    assert info["resumed_from"].endswith(run_layout.checkpoint_name(3))
+    assert [
+        r["loss"] for r in read_metrics(run_dir)
+    ] == reference  # steps 4-6 again, exactly as uninterrupted
+    for step, path in run_layout.list_checkpoints(run_dir):
+        assert verify_checkpoint(path) is None, step
+
+
+# ------------------------------------------------------------------------------------------------- item 8
+def test_disk_full_during_a_save_names_the_directory_and_loses_nothing(tiny_checkpoint, shards, tmp_path):
+    if shutil.which("unshare") is None:
+        pytest.fail("this test needs util-linux's `unshare` (a private tmpfs stands in for a full disk)")
+    small = tmp_path / "small"
+    small.mkdir()
+    run_dir = small / "run"
+    train = [
+        sys.executable, "train.py", *tiny_overrides(tiny_checkpoint, shards, run_dir),
+        "trainer.save_every=1", "trainer.keep_last=0", "trainer.max_steps=40",
+    ]  # fmt: skip
+    check = [
+        sys.executable, "-c",
+        "import json, sys; from pathlib import Path; from mova_train import run_layout as L; "
+        "from mova_train.training.checkpoint import verify_checkpoint; r = Path(sys.argv[1]); "
+        "print('RESULT', json.dumps({'complete': [[s, verify_checkpoint(p)] for s, p in L.list_checkpoints(r)], "
+        "'leftovers': [p.name for p in L.checkpoints_dir(r).iterdir() if L.is_leftover(p.name)]}))",
+        str(run_dir),
+    ]  # fmt: skip
+    script = (
+        f"mount -t tmpfs -o size=1800k tmpfs {shlex.quote(str(small))} && "
+        f"{shlex.join(train)}; echo TRAIN_RC=$?; {shlex.join(check)}"
+    )
+    proc = subprocess.run(
+        ["unshare", "--map-root-user", "--mount", "sh", "-c", script], cwd=PROJECT_ROOT, env=launch_env(),
+        capture_output=True, text=True, timeout=subprocess_timeout(300),
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert "TRAIN_RC=1" in out or "TRAIN_RC=2" in out, out[-3000:]
+    assert re.search(rf"no space left on the device of {re.escape(str(run_dir))}/checkpoints while writing the "
+                     r"checkpoint of step \d+: it needs about [\d,]+ bytes and [\d,]+ are free", out), out[-3000:]  # fmt: skip
+    result = json.loads(out.split("RESULT ", 1)[1].splitlines()[0])
+    assert result["complete"] and all(
+        problem is None for _, problem in result["complete"]
+    )  # earlier ones intact
+    assert result["leftovers"] == []  # the partial checkpoint was removed
+    assert f"the last complete one is {run_dir}/checkpoints/step-{result['complete'][-1][0]:08d}" in out

@@ -10,7 +10,6 @@ The checks import torch and the project's packages inside the functions on purpo
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
 import os
 import shutil
@@ -172,6 +171,7 @@ def _numel(shape) -> int:
 
 
 def check_shards(shards: Path, codec_identity: str | None, *, deep: bool) -> list[Check]:
+    from mova_train.checkpoint_io import sha256_file
     from mova_train.data.contract import ShardFormatError, load_manifest
 
     out: list[Check] = []
@@ -198,7 +198,7 @@ def check_shards(shards: Path, codec_identity: str | None, *, deep: bool) -> lis
                     FAIL, "shards", f"{path} has {path.stat().st_size} bytes, manifest says {info.num_bytes}"
                 )
             )
-        elif deep and _sha256(path) != info.sha256:
+        elif deep and sha256_file(path) != info.sha256:
             out.append(Check(FAIL, "shards", f"{path} checksum differs from manifest.json (corrupt copy?)"))
     if codec_identity is not None:
         if manifest.codec_identity == codec_identity:
@@ -213,14 +213,6 @@ def check_shards(shards: Path, codec_identity: str | None, *, deep: bool) -> lis
                 )
             )
     return out
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def run_checks(

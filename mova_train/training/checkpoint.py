@@ -17,7 +17,13 @@ import torch
 from safetensors.torch import load_file
 
 from mova_train import run_layout as layout
-from mova_train.checkpoint_io import read_json, write_json_atomic, write_safetensors
+from mova_train.checkpoint_io import (
+    CheckpointError,
+    read_json,
+    sha256_file,
+    write_json_atomic,
+    write_safetensors,
+)
 from mova_train.run_layout import CHECKPOINTS_DIR, STATE_FILE, list_checkpoints
 
 logger = logging.getLogger(__name__)
@@ -51,6 +57,33 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
             f"complete checkpoints under {CHECKPOINTS_DIR}/"
         )
     return latest
+
+
+def write_commit_manifest(ckpt: Path) -> None:
+    """`commit.json`: size and sha256 of every file of the checkpoint (main process, after every rank wrote)."""
+    files = {}
+    for path in sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != layout.COMMIT_FILE):
+        files[path.relative_to(ckpt).as_posix()] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    write_json_atomic(ckpt / layout.COMMIT_FILE, {"version": 1, "files": files})
+
+
+def verify_checkpoint(ckpt: Path) -> str | None:
+    """What is wrong with a complete checkpoint's files (naming the file), or None when each matches commit.json."""
+    manifest = ckpt / layout.COMMIT_FILE
+    try:
+        files = read_json(manifest)["files"]
+    except (CheckpointError, KeyError, TypeError) as e:
+        return f"{manifest}: unreadable or missing ({e})"
+    for rel, want in files.items():
+        path = ckpt / rel
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != want["size"]:
+            return f"{path} has {size} bytes, {want['size']} were written"
+        if sha256_file(path) != want["sha256"]:
+            return f"{path} does not hold the bytes that were written (sha256 differs)"
+    return None
 
 
 def read_trainer_state(ckpt: Path) -> dict:

@@ -9,8 +9,10 @@ the DeepSpeed engine's files under DeepSpeed), each rank's RNG streams and data 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +40,16 @@ from mova_train.training.distributed import all_reduce, barrier, broadcast_objec
 from mova_train.training.run_lock import RunDirLockedError, RunLock
 
 logger = logging.getLogger("mova_train.training")
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions); the previous ones are intact."""
+
+
+def _tree_bytes(path: Path | None) -> int:
+    if path is None or not path.exists():
+        return 0
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -167,9 +179,13 @@ class Checkpointer:
     def find_resume(self) -> TrainerState | None:
         """The checkpoint to resume from per `trainer.resume`, refused if its fingerprint differs from this run's."""
         resume = self.cfg.trainer.resume
-        self.resume_from = ckpt_io.resolve_resume(resume, self.run_dir)
         if resume == "never":
             self.move_aside_old_checkpoints()
+        found = self.find_intact(resume) if self.is_main else None
+        found = broadcast_object(found)
+        if isinstance(found, str) and found.startswith("error:"):
+            raise ckpt_io.ResumeError(found.removeprefix("error:"))
+        self.resume_from = Path(found) if found else None
         if self.resume_from is None:
             logger.info(
                 "starting a new run (no complete checkpoint in %s)", layout.checkpoints_dir(self.run_dir)
@@ -179,6 +195,32 @@ class Checkpointer:
         ckpt_io.check_fingerprint(self.saved.fingerprint, self.fingerprint_now, where=str(self.resume_from))
         logger.info("resuming from %s (step %d)", self.resume_from, self.saved.step)
         return self.saved
+
+    def find_intact(self, resume: str) -> str | None:
+        """(Main process.) The checkpoint `resume` names, verified against its commit.json. With `auto`, a damaged
+        newest checkpoint is named in the log and the newest intact one before it is taken instead."""
+        try:
+            chosen = ckpt_io.resolve_resume(resume, self.run_dir)
+        except ckpt_io.ResumeError as e:
+            return f"error:{e}"
+        if chosen is None:
+            return None
+        candidates = [chosen]
+        if resume == "auto":
+            candidates += [p for _, p in reversed(layout.list_checkpoints(self.run_dir)) if p != chosen]
+        problems = []
+        for ckpt in candidates:
+            problem = ckpt_io.verify_checkpoint(ckpt)
+            if problem is None:
+                if problems:
+                    logger.warning("resuming from %s, the newest intact checkpoint", ckpt)
+                return str(ckpt)
+            logger.error("checkpoint %s is damaged: %s", ckpt, problem)
+            problems.append(problem)
+        return "error:" + (
+            f"no intact checkpoint to resume from ({'; '.join(problems)}); use another trainer.run_dir or "
+            "trainer.resume=never"
+        )
 
     def move_aside_old_checkpoints(self) -> None:
         """`resume=never` in a run dir with checkpoints: they move to checkpoints.replaced-<time>/, untouched, so
@@ -233,38 +275,70 @@ class Checkpointer:
         tmp = ckpt_io.begin_checkpoint(self.run_dir, step) if self.is_main else None
         tmp = Path(broadcast_object(str(tmp) if tmp else None))
         barrier()
-        backend.save(tmp, is_main=self.is_main)
-        ckpt_io.save_rank_state(tmp, self.rank, generator, loader_state)
-        if self.is_main:
-            save_adapters(
-                layout.adapter_dir(tmp),
-                None,
-                self.cfg.lora,
-                state_dict=state,
-                metadata={
+        failure: BaseException | None = None
+        try:
+            backend.save(tmp, is_main=self.is_main)
+            ckpt_io.save_rank_state(tmp, self.rank, generator, loader_state)
+            if self.is_main:
+                meta = {
                     META_STEP: str(step),
                     META_BASE_IDENTITY: self.base_identity,
                     META_TRAINING_CONFIG: OmegaConf.to_yaml(OmegaConf.create(config_dict)),
-                },
-            )
-        barrier()
+                }
+                save_adapters(layout.adapter_dir(tmp), None, self.cfg.lora, state_dict=state, metadata=meta)
+        except (
+            OSError,
+            RuntimeError,
+        ) as e:  # every rank learns of a failed write, so none waits for the others
+            failure = e
+        (failed,) = all_reduce([float(failure is not None)], "max", self.device)
+        if failed:
+            raise self.write_failed(step, tmp, failure, state)
         if self.is_main:
             trainer_state = TrainerState(
-                step=step,
-                counters=counters,
-                fingerprint=self.fingerprint_now,
-                base_identity=self.base_identity,
-                lora=config_to_dict(self.cfg)["lora"],
-                world_size=self.world_size,
-                zero_stage=backend.zero_stage,
+                step=step, counters=counters, fingerprint=self.fingerprint_now, base_identity=self.base_identity,
+                lora=config_to_dict(self.cfg)["lora"], world_size=self.world_size, zero_stage=backend.zero_stage,
                 targets=targets,
-            )
-            ckpt_io.write_trainer_state(tmp, trainer_state.to_json())
+            )  # fmt: skip
+            try:
+                ckpt_io.write_trainer_state(tmp, trainer_state.to_json())
+                ckpt_io.write_commit_manifest(tmp)
+            except OSError as e:
+                raise self.write_failed(step, tmp, e, state) from e
             final = ckpt_io.commit_checkpoint(tmp, self.cfg.trainer.keep_last)
             logger.info("saved checkpoint %s", final)
         self.last = layout.final_dir(tmp)
         barrier()
         return self.last
+
+    def write_failed(
+        self, step: int, tmp: Path, error: BaseException | None, state: dict[str, torch.Tensor]
+    ) -> CheckpointWriteError:
+        """The error to end the run with after a failed checkpoint write; the partial folder is removed (main)."""
+        folder = tmp.parent
+        written = _tree_bytes(tmp)
+        # About what a checkpoint takes: the last complete one, else the adapters plus two Adam moments in fp32.
+        need = (
+            _tree_bytes(self.last)
+            if self.last is not None
+            else written + 3 * sum(v.numel() * 4 for v in state.values())
+        )
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(folder if folder.exists() else self.run_dir).free
+        detail = f"{type(error).__name__}: {error}" if error is not None else "on another rank (see its log)"
+        nothing_lost = (
+            f"Nothing was lost: the partial checkpoint was removed and the last complete one is {self.last or 'none yet'}; "
+            "resume with the same command once there is room (or lower trainer.keep_last)."
+        )
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC or free < need:
+            return CheckpointWriteError(
+                f"no space left on the device of {folder} while writing the checkpoint of step {step}: it needs about "
+                f"{need:,} bytes and {free:,} are free ({detail}). {nothing_lost}"
+            )
+        return CheckpointWriteError(
+            f"writing the checkpoint of step {step} to {folder} failed: {detail}. {nothing_lost}"
+        )
 
     # ------------------------------------------------------------------------------------- frozen base
     def record_base(self, backend: Backend) -> None:
