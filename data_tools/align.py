@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -209,47 +210,90 @@ def select_frames(times_rel: np.ndarray, wanted: np.ndarray, source_fps: float) 
     return np.clip(index, 0, len(times_rel) - 1)
 
 
-def _decode_frames_decord(path: str, indices: np.ndarray, height: int, width: int) -> np.ndarray | None:
+# Source frames held at once while decoding: a 1080p clip decodes in chunks of 10 frames, an 8K one frame by frame,
+# so the memory of one clip no longer grows with the source resolution times the clip length.
+CHUNK_BYTES = 64 << 20
+
+
+def frames_per_chunk(height: int, width: int, bytes_per_value: int = 1) -> int:
+    return max(1, CHUNK_BYTES // (height * width * 3 * bytes_per_value))
+
+
+class _DecordLayoutBug(Exception):
+    """decord 0.6.0 returned a frame of the wrong layout (a few small widths): decode with PyAV instead."""
+
+
+def _chunks_decord(path: str, indices: np.ndarray, height: int, width: int) -> Iterator[np.ndarray]:
     import decord
 
     reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
-    unique, inverse = np.unique(indices, return_inverse=True)
-    frames = reader.get_batch(unique.tolist()).asnumpy()
-    # decord 0.6.0 returns garbage layouts for a few small widths; the caller falls back to PyAV then
-    if frames.shape[1:] != (height, width, 3):
-        return None
-    return frames[inverse]
+    # One frame at a time, in order (`get_batch` holds about twice a batch's bytes, and a seek back makes decord
+    # allocate again), grouped into chunks; a chunk of one frame is a view, not a copy.
+    step, pending, last, picture = frames_per_chunk(height, width), [], None, None
+    for index in indices:
+        if int(index) != last:
+            last, picture = int(index), reader[int(index)].asnumpy()
+            if picture.shape != (height, width, 3):
+                raise _DecordLayoutBug()
+        pending.append(picture)
+        if len(pending) >= step:
+            yield pending[0][None] if len(pending) == 1 else np.stack(pending)
+            pending = []
+    if pending:
+        yield pending[0][None] if len(pending) == 1 else np.stack(pending)
 
 
-def _decode_frames_pyav(path: str, indices: np.ndarray) -> np.ndarray:
+def _chunks_pyav(path: str, indices: np.ndarray, height: int, width: int) -> Iterator[np.ndarray]:
     import av
 
-    wanted = set(int(i) for i in indices)
-    decoded: dict[int, np.ndarray] = {}
+    step, wanted, pending = frames_per_chunk(height, width), [int(i) for i in indices], []
+    position = 0
     with av.open(path) as container:
         for index, frame in enumerate(container.decode(container.streams.video[0])):
-            if index in wanted:
-                decoded[index] = frame.to_ndarray(format="rgb24")
-            if index >= max(wanted):
+            if position < len(wanted) and index == wanted[position]:
+                picture = frame.to_ndarray(format="rgb24")
+                while position < len(wanted) and wanted[position] == index:  # a frame shown twice
+                    pending.append(picture)
+                    position += 1
+                if len(pending) >= step:
+                    yield np.stack(pending)
+                    pending = []
+            if position == len(wanted):
                 break
-    missing = wanted - set(decoded)
-    if missing:
-        raise MediaDecodeError(f"{path}: frames {sorted(missing)[:5]} could not be decoded (truncated file?)")
-    return np.stack([decoded[int(i)] for i in indices])
+    if position < len(wanted):
+        raise MediaDecodeError(
+            f"{path}: frames {wanted[position : position + 5]} could not be decoded (truncated file?)"
+        )
+    if pending:
+        yield np.stack(pending)
 
 
-def decode_frames(path: str | os.PathLike, indices: np.ndarray, height: int, width: int) -> np.ndarray:
-    """uint8 [len(indices), H, W, 3] RGB frames at the source size."""
+def iter_frames(
+    path: str | os.PathLike, indices: np.ndarray, height: int, width: int
+) -> Iterator[np.ndarray]:
+    """uint8 [n, H, W, 3] RGB frames at the source size, in `indices` order (non-decreasing), a bounded chunk at a
+    time (CHUNK_BYTES)."""
     import av
     import decord
 
+    indices = np.asarray(indices)
     try:
-        frames = _decode_frames_decord(str(path), indices, height, width)
-        if frames is None:
-            frames = _decode_frames_pyav(str(path), indices)
+        started = False
+        try:
+            for chunk in _chunks_decord(str(path), indices, height, width):
+                started = True
+                yield chunk
+        except _DecordLayoutBug:
+            if started:  # a later frame only: cannot happen for one stream, but never yield frames twice
+                raise MediaDecodeError(f"{path}: decord changed the frame layout mid-stream") from None
+            yield from _chunks_pyav(str(path), indices, height, width)
     except (decord.DECORDError, RuntimeError, av.error.FFmpegError) as e:
         raise MediaDecodeError(f"{path}: cannot decode video frames ({e})") from None
-    return frames
+
+
+def decode_frames(path: str | os.PathLike, indices: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 [len(indices), H, W, 3] RGB frames at the source size (all at once: for small sources)."""
+    return np.concatenate(list(iter_frames(path, indices, height, width)))
 
 
 def resize_cover(frames: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -264,11 +308,12 @@ def resize_cover(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
     top, left = (new_h - height) // 2, (new_w - width) // 2
     out = np.empty((n, height, width, 3), np.uint8)
-    for i0 in range(0, n, 16):  # chunks bound the float memory for long 720p clips
-        x = torch.from_numpy(frames[i0 : i0 + 16]).permute(0, 3, 1, 2).float()  # [n, 3, h, w]
+    step = min(16, frames_per_chunk(h, w, bytes_per_value=4))  # chunks bound the float memory
+    for i0 in range(0, n, step):
+        x = torch.from_numpy(frames[i0 : i0 + step]).permute(0, 3, 1, 2).float()  # [n, 3, h, w]
         x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
         x = x[:, :, top : top + height, left : left + width]
-        out[i0 : i0 + 16] = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        out[i0 : i0 + step] = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return out
 
 
@@ -310,8 +355,13 @@ def load_clip(row: dict, *, sample_rate: int = TARGET_SAMPLE_RATE) -> AlignedCli
     indices = select_frames(times, wanted, float(row.get("source_fps") or fps))
     if wanted[-1] > times[-1] + 1.5 / max(float(row.get("source_fps") or fps), 1.0):
         raise MediaDecodeError(f"{path}: clip {row['clip_id']} runs past the last video frame")
-    frames = decode_frames(path, indices, int(row["source_height"]), int(row["source_width"]))
-    frames = resize_cover(frames, int(row["height"]), int(row["width"]))
+    source_size = int(row["source_height"]), int(row["source_width"])
+    frames = np.concatenate(  # resized chunk by chunk: never the whole clip at the source resolution
+        [
+            resize_cover(c, int(row["height"]), int(row["width"]))
+            for c in iter_frames(path, indices, *source_size)
+        ]
+    )
 
     video_t0 = float(row["video_start_s"]) + start_s  # container time of clip frame 0
     count = num_audio_samples(num_frames, fps, sample_rate)

@@ -13,11 +13,14 @@ import numpy as np
 import torch
 
 from data_tools.align import decode_audio, decode_frames, frame_times, load_clip, resample_mono
+from data_tools.common import DataToolsError
 from data_tools.encode import EncodeOptions, encode, encode_clip
 from data_tools.plan import plan
 from data_tools.scan import scan
 from data_tools.synth import synthesize
 from data_tools.verify import verify
+from mova_train.data.config import DataConfig
+from mova_train.data.loader import build_loader
 
 
 def bench(
@@ -34,6 +37,7 @@ def bench(
     # codecs (and the model package) take seconds to import.
     from mova_train.bench.common import timed
     from mova_train.codecs import load_codecs
+    from mova_train.models.checkpoint import read_mova_config
     from mova_train.models.tiny import write_tiny_checkpoint
 
     figures: dict[str, float] = {}
@@ -90,9 +94,104 @@ def bench(
         _, figures["encode_command_s"] = timed(lambda: encode(rows, opts, sources=sources))
         result, t = timed(lambda: verify(shards))
         figures["shard_read_samples_per_s"] = result.num_samples / t
+        figures.update(loader_checksum_cost(shards, text_len=read_mova_config(checkpoint).text_len))
         figures["clips"] = float(len(kept))
         figures["frames_per_clip"] = float(frames)
     return figures
+
+
+def loader_checksum_cost(shards: Path, *, text_len: int, epochs: int = 10) -> dict[str, float]:
+    """The training loader's throughput over `shards` without and with sha256 verification against the manifest.
+    Each shard is hashed once per process (the first epoch; the next shard is hashed in a background thread while
+    the current one is read), so a run's cost is the first epoch's spread over the epochs it trains."""
+    from mova_train.bench.common import timed  # as in bench(): kept out of `python -m data_tools --help`
+
+    out = {}
+    for name, verify_checksums in (("off", False), ("on", True)):
+        cfg = DataConfig(
+            shards=str(shards),
+            batch_size=1,
+            shuffle_buffer=0,
+            resample=False,
+            verify_checksums=verify_checksums,
+        )
+        loader = build_loader(
+            cfg, rank=0, world_size=1, seed=0, text_len=text_len, expected_codec_identity=None
+        )
+        times, n = [], 0
+        for _ in range(epochs):
+            n, t = timed(lambda loader=loader: sum(len(b) for b in loader))
+            times.append(t)
+        out[f"loader_first_epoch_{name}_samples_per_s"] = n / times[0]
+        out[f"loader_{name}_samples_per_s"] = n * epochs / sum(times)
+    out["checksum_cost_first_epoch_pct"] = 100 * (
+        1 - out["loader_first_epoch_on_samples_per_s"] / out["loader_first_epoch_off_samples_per_s"]
+    )
+    out["checksum_cost_pct"] = 100 * (1 - out["loader_on_samples_per_s"] / out["loader_off_samples_per_s"])
+    out["loader_epochs"] = float(epochs)
+    return out
+
+
+def write_8k_source(path: Path, *, seconds: float = 1.0, fps: float = 30.0) -> Path:
+    """A 7680x4320 H.264 + AAC source with moving content and a tone, encoded frame by frame (this process never
+    holds more than one 8K frame)."""
+    import av
+
+    height, width, rate = 4320, 7680, 48_000
+    n = round(seconds * fps)
+    yy, xx = np.mgrid[0:height:8, 0:width:8]  # a coarse pattern, upscaled: cheap to make, not flat to encode
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=round(fps))
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.options = {"preset": "ultrafast", "crf": "30"}
+        audio = container.add_stream("aac", rate=rate)
+        audio.layout = "mono"
+        for i in range(n):
+            small = ((xx + yy + 40 * i) % 256).astype(np.uint8)
+            rgb = np.repeat(np.repeat(np.stack([small, small[::-1], 255 - small], -1), 8, 0), 8, 1)
+            for packet in video.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+        for packet in video.encode():
+            container.mux(packet)
+        t = np.arange(round(seconds * rate)) / rate
+        tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+        for i0 in range(0, tone.size, 1024):
+            frame = av.AudioFrame.from_ndarray(tone[None, i0 : i0 + 1024], format="fltp", layout="mono")
+            frame.sample_rate = rate
+            for packet in audio.encode(frame):
+                container.mux(packet)
+        for packet in audio.encode():
+            container.mux(packet)
+    return path
+
+
+def prepare_8k_peak_rss(checkpoint: str | None = None, frames: int = 17) -> dict[str, float]:
+    """Peak resident memory of `python -m data_tools prepare` on one 8K 30 fps source (a child process, so the
+    figure is prepare's own: scan, plan, decode, resize, codecs, shard writing)."""
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory(prefix="data_tools_8k_") as tmp_name:
+        tmp = Path(tmp_name)
+        (tmp / "raw").mkdir()
+        write_8k_source(tmp / "raw" / "source_8k.mp4")
+        (tmp / "raw" / "source_8k.txt").write_text("an 8K test pattern with a tone\n", encoding="utf-8")
+        if checkpoint is None:
+            from mova_train.models.tiny import write_tiny_checkpoint
+
+            checkpoint = str(write_tiny_checkpoint(tmp / "ckpt", seed=0))
+        cmd = [sys.executable, "-m", "data_tools", "prepare", str(tmp / "raw"), "--checkpoint", checkpoint,
+               "--out", str(tmp / "shards"), "--frames", str(frames), "--buckets", "64x112"]  # fmt: skip
+        # a wrapper process whose only child is prepare, so the peak is prepare's and nothing else's
+        wrapper = (
+            "import resource, subprocess, sys; proc = subprocess.run(sys.argv[1:]); "
+            "print('PEAK_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(proc.returncode)"
+        )
+        proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise DataToolsError(f"prepare on the 8K source failed: {proc.stderr[-2000:]}")
+        peak_kib = int(proc.stdout.split("PEAK_KIB", 1)[1].split()[0])  # Linux reports KiB
+    return {"prepare_8k_peak_rss_gb": peak_kib * 1024 / 1e9}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,6 +206,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, default=17, help="frames per clip (default 17)")
     parser.add_argument("--buckets", default="64x112,112x64,64x64", help="clip sizes (default small buckets)")
     parser.add_argument("--device", default="cpu", help="device of the codecs (default cpu)")
+    parser.add_argument(
+        "--memory-8k", action="store_true",
+        help="also measure the peak RAM of `prepare` on an 8K 30 fps source (about a minute more)",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -130,6 +233,10 @@ def run(args: argparse.Namespace) -> int:
         ("codecs (video VAE x2, DAC, UMT5)", "clips/min", "codec_clips_per_min"),
         ("encode total (align + codecs)", "clips/min", "encode_clips_per_min"),
         ("shard read + decode + validate", "samples/s", "shard_read_samples_per_s"),
+        ("training loader, 1st epoch, no sha256", "samples/s", "loader_first_epoch_off_samples_per_s"),
+        ("training loader, 1st epoch, sha256", "samples/s", "loader_first_epoch_on_samples_per_s"),
+        ("sha256 verification cost, 1st epoch", "%", "checksum_cost_first_epoch_pct"),
+        ("sha256 verification cost, 10 epochs", "%", "checksum_cost_pct"),
         ("codec load", "s", "codec_load_s"),
         ("scan", "s", "scan_s"),
         ("plan", "s", "plan_s"),
@@ -137,4 +244,7 @@ def run(args: argparse.Namespace) -> int:
     ]
     for label, unit, key in rows:
         print(f"  {label:36s} {figures[key]:10.1f} {unit}")
+    if args.memory_8k:
+        peak = prepare_8k_peak_rss(args.checkpoint)["prepare_8k_peak_rss_gb"]
+        print(f"  {'prepare, one 8K 30 fps source, peak':36s} {peak:10.2f} GB RAM (target < 2)")
     return 0

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.align import MediaDecodeError, audio_envelope, decode_frames, frame_times, select_frames
+from data_tools.align import MediaDecodeError, audio_envelope, frame_times, iter_frames, select_frames
 from data_tools.common import (
     DEFAULT_BUCKETS,
     DEFAULT_FPS,
@@ -71,8 +71,14 @@ def frozen_score(row: dict, start: float, num_frames: int, fps: float) -> float:
     times = frame_times(row["path"])
     wanted = start + np.linspace(0, (num_frames - 1) / fps, 8)
     indices = select_frames(times, wanted, float(row["fps"]))
-    frames = decode_frames(row["path"], indices, row["height"], row["width"]).astype(np.float32)
-    return float(np.abs(np.diff(frames, axis=0)).mean())
+    total, count, previous = 0, 0, None
+    for chunk in iter_frames(row["path"], indices, row["height"], row["width"]):  # bounded memory at any size
+        for frame in chunk:
+            if previous is not None:
+                total += int(np.abs(frame.astype(np.int16) - previous.astype(np.int16)).sum(dtype=np.int64))
+                count += frame.size
+            previous = frame
+    return total / count if count else 0.0
 
 
 def _span(row: dict, clip_id: str, start: float, end: float, reason: str) -> dict:

@@ -14,8 +14,7 @@ sampler and `doctor` read it through these functions instead of re-deriving path
         trainer_state.json          its presence marks the checkpoint complete
         commit.json                 size and sha256 of every other file; resume verifies it
         adapter/                    adapters.safetensors + adapter_config.json
-        optimizer.safetensors/.json optimizer state without DeepSpeed
-        deepspeed/                  the DeepSpeed engine's own part
+        optimizer.safetensors/.json the optimizer state of every trainable parameter, consolidated (any backend)
         rank{N}/                    RNG streams and data position of rank N
 
 Standard library only.
@@ -32,7 +31,6 @@ LOCK_FILE = ".lock"  # held by the running job (mova_train.training.run_lock)
 STATE_FILE = "trainer_state.json"
 COMMIT_FILE = "commit.json"  # every other file's size and sha256, written last before the rename
 ADAPTER_DIR = "adapter"
-DEEPSPEED_DIR = "deepspeed"
 CONFIG_FILE = "config.yaml"
 CODE_VERSION_FILE = "code_version.json"
 RUN_INFO_FILE = "run_info.json"

@@ -42,6 +42,18 @@ def set_collective_timeout(timeout) -> None:
     c10d.default_pg_nccl_timeout = timeout
 
 
+def relink_zero_optimizer_states(engine) -> None:
+    """DeepSpeed 0.19.8, ZeRO stage 1/2: each trainable parameter's view of its optimizer state is linked once,
+    right after the first optimizer step. A parameter group that sat out that step (the idle expert's adapters,
+    masked by GroupMaskedAdamW) had no state then, so its views stay empty and `safe_get_full_optimizer_state` /
+    `safe_set_full_optimizer_state` fail with "exp_avg not found in optimizer state fragment". Link again, now
+    that the groups have state. (ZeRO-3 reads the state directly and needs nothing.)"""
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
+
+
 def clear_zero3_stale_grads(engine) -> None:
     """DeepSpeed 0.19.8, ZeRO stage 3 without optimizer offload.
 

@@ -16,22 +16,29 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from mova_train import run_layout
 from mova_train.codecs import codec_identity
 from mova_train.config import PROJECT_ROOT, to_train_config, validate_config
+from mova_train.data.config import DataConfig
+from mova_train.data.errors import ShardReadError
+from mova_train.data.loader import build_loader
+from mova_train.data.shards import resolve_shards
 from mova_train.data.synthetic import make_synthetic_sample, write_shard_set
 from mova_train.models.checkpoint import read_mova_config
 from mova_train.training import signals
 from mova_train.training.checkpoint import ResumeError, verify_checkpoint
+from mova_train.training.objective import FlowMatchingObjective
 from mova_train.training.run_lock import RunDirLockedError, RunLock
 from mova_train.training.synthetic import write_random_shards_for
-from mova_train.training.trainer import Trainer, run
+from mova_train.training.trainer import NonFiniteTrainingError, Trainer, run
 from tests.train_utils import (
     compose_train,
     launch_cmd,
@@ -323,3 +330,130 @@ def test_disk_full_during_a_save_names_the_directory_and_loses_nothing(tiny_chec
     )  # earlier ones intact
     assert result["leftovers"] == []  # the partial checkpoint was removed
     assert f"the last complete one is {run_dir}/checkpoints/step-{result['complete'][-1][0]:08d}" in out
+
+
+# ----------------------------------------------------------------------------------------------- items 1, 2
+def _flip_one_latent_bit(shard: Path) -> str:
+    """Flip one bit inside the first sample's latent tensor data, keeping the size; returns that sample's key."""
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith("latents.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[member.offset_data + member.size - 8] ^= (
+        0x01  # the tensor bytes sit at the end of a safetensors file
+    )
+    shard.write_bytes(bytes(data))
+    return member.name.split(".", 1)[0]
+
+
+def test_other_shard_content_under_the_same_names_is_refused_on_resume(tiny_checkpoint, tmp_path):
+    first = write_random_shards_for(tiny_checkpoint, tmp_path / "a", num_clips=2, num_shards=2, seed=0)
+    other = write_random_shards_for(tiny_checkpoint, tmp_path / "b", num_clips=2, num_shards=2, seed=1)
+    a, b = resolve_shards(str(first)), resolve_shards(str(other))
+    assert a.names == b.names and a.num_samples == b.num_samples and a.fingerprint() != b.fingerprint()
+    run_dir = tmp_path / "run"
+    run(compose_train(tiny_overrides(tiny_checkpoint, first, run_dir, "trainer.max_steps=2")))
+    reset_accelerate()
+    with pytest.raises(ResumeError, match=r"data_shards: checkpoint has '\w+', this run has '\w+'"):
+        run(compose_train(tiny_overrides(tiny_checkpoint, other, run_dir, "trainer.max_steps=4")))
+
+
+def test_a_flipped_bit_in_a_shard_quarantines_it_by_name(tiny_checkpoint, tmp_path, caplog):
+    folder = write_random_shards_for(tiny_checkpoint, tmp_path / "shards", num_clips=4, num_shards=2)
+    shard = folder / resolve_shards(str(folder)).names[0]
+    size = shard.stat().st_size
+    bad_key = _flip_one_latent_bit(shard)
+    assert shard.stat().st_size == size
+    text_len = read_mova_config(tiny_checkpoint).text_len
+
+    def keys(**kw):
+        cfg = DataConfig(shards=str(folder), batch_size=1, shuffle_buffer=0, **kw)
+        loader = build_loader(
+            cfg, rank=0, world_size=1, seed=0, text_len=text_len, expected_codec_identity=None
+        )
+        return [k for _, batch in zip(range(8), loader) for k in batch.keys], loader
+
+    with pytest.raises(ShardReadError, match=rf"shard {re.escape(str(shard))}: .* quarantined"):
+        keys(resample=False)
+    seen, loader = keys(resample=True)  # the stream goes on without it, its samples counted as rejected
+    assert seen and bad_key not in seen and all(k.endswith(("1", "3")) for k in seen), seen
+    assert f"{shard}" in caplog.text and loader.stats["rejected"].get("corrupt_shard", 0) >= 2
+    seen, _ = keys(
+        resample=False, verify_checksums=False
+    )  # what the loader did before: trains on the flipped bit
+    assert bad_key in seen
+
+
+# ------------------------------------------------------------------------------------------------- item 4
+_PLANT = """
+import pickle, sys
+class Boom:
+    def __reduce__(self):
+        return (open, (sys.argv[2], "w"))
+with open(sys.argv[1], "wb") as f:
+    pickle.dump({"module": Boom()}, f)
+"""
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def test_checkpoints_hold_no_pickle_and_load_bit_exactly_under_any_zero_stage(
+    tiny_checkpoint, shards, tmp_path
+):
+    run_dir = tmp_path / "run"
+    first = [sys.executable, "train.py", *tiny_overrides(tiny_checkpoint, shards, run_dir, "deepspeed=zero2",
+             "trainer.max_steps=3", "trainer.save_every=3", "objective.expert=alternate")]  # fmt: skip
+    proc = subprocess.run(first, cwd=PROJECT_ROOT, env=launch_env(), capture_output=True, text=True,
+                          timeout=subprocess_timeout(300))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    source = run_layout.latest_checkpoint(run_dir)
+    files = sorted(p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file())
+    assert all(f.endswith((".safetensors", ".json")) for f in files), files  # safetensors and JSON only
+    saved_opt = _tensors(source / "optimizer.safetensors")
+    assert {k.split("::")[1] for k in saved_opt} == {"exp_avg", "exp_avg_sq", "step"}
+    # a pickle planted where DeepSpeed used to keep its files is never read
+    planted, marker = source / "deepspeed" / "state" / "mp_rank_00_model_states.pt", tmp_path / "pickle-ran"
+    planted.parent.mkdir(parents=True)
+    subprocess.run([sys.executable, "-c", _PLANT, str(planted), str(marker)], check=True)
+    for stage in ("zero2", "zero3", "none"):
+        out = tmp_path / f"resaved-{stage}"
+        proc = subprocess.run(
+            [sys.executable, "tests/resave_checkpoint.py", str(tiny_checkpoint), str(shards), str(source), str(out),
+             f"deepspeed={stage}"],
+            cwd=PROJECT_ROOT, env=launch_env(), capture_output=True, text=True, timeout=subprocess_timeout(300),
+        )  # fmt: skip
+        assert proc.returncode == 0, (stage, proc.stderr[-3000:])
+        again = run_layout.latest_checkpoint(out)
+        assert again.name == source.name
+        for name in ("optimizer.safetensors", "adapter/adapters.safetensors"):
+            before, after = _tensors(source / name), _tensors(again / name)
+            assert before.keys() == after.keys(), (stage, name)
+            for key in before:  # every adapter weight and Adam moment, bit for bit
+                assert torch.equal(before[key], after[key]), (stage, name, key)
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------- non-finite abort advice
+def test_the_non_finite_abort_names_a_checkpoint_from_before_the_bad_weights(
+    tiny_checkpoint, shards, tmp_path, monkeypatch
+):
+    original = FlowMatchingObjective.loss
+    calls = {"n": 0}
+
+    def loss(self, pred_video, pred_audio, inputs):  # from step 4 on, as after an exploding update at step 3
+        calls["n"] += 1
+        total, lv, la = original(self, pred_video, pred_audio, inputs)
+        return (total * float("nan") if calls["n"] >= 4 else total), lv, la
+
+    monkeypatch.setattr(FlowMatchingObjective, "loss", loss)
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(
+        tiny_checkpoint, shards, run_dir, "trainer.max_steps=20", "trainer.save_every=1", "trainer.keep_last=0",
+        "trainer.max_consecutive_skips=3",
+    )  # fmt: skip
+    with pytest.raises(NonFiniteTrainingError) as err:
+        run(compose_train(overrides))
+    message = str(err.value)
+    assert "steps 4-6" in message and "from step 3 on hold the weights" in message
+    assert f"resume from {run_layout.checkpoints_dir(run_dir) / run_layout.checkpoint_name(2)} " in message

@@ -24,6 +24,9 @@ class DataConfig:
     resample: bool = True  # infinite multi-epoch stream; false = one epoch per iter()
     buckets: list[str] | None = None  # keep only these buckets ("HxW"), None = all
     validate: bool = True
+    verify_checksums: bool = (
+        True  # each shard's sha256 against the manifest, once per process, before reading it
+    )
     max_rejected_fraction: float = 0.1
 
     # Named `validated`, not `validate`: `validate` is the data.validate field above.
@@ -40,7 +43,7 @@ class DataConfig:
             low = 1 if name == "batch_size" else 0
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigValueError(f"data.{name} must be an integer >= {low}, got {value!r}")
-        for name in ("shuffle_shards", "resample", "validate"):
+        for name in ("shuffle_shards", "resample", "validate", "verify_checksums"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigValueError(f"data.{name} must be true or false, got {getattr(self, name)!r}")
         frac = self.max_rejected_fraction

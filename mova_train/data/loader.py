@@ -57,7 +57,7 @@ from mova_train.data.errors import (
     TooManyRejectedError,
 )
 from mova_train.data.reader import Rejection, SampleChecks, iter_shard
-from mova_train.data.shards import ShardSet, resolve_shards
+from mova_train.data.shards import ShardSet, resolve_shards, verify_shard, verify_shard_ahead
 from mova_train.data.stats import check_rejected, empty_stats, merge_stats
 
 logger = logging.getLogger(__name__)
@@ -152,6 +152,17 @@ class _SlotReader:
     def url(self, j: int) -> str:
         return self.plan.shards.urls[self.shard_index(j)]
 
+    def open_shard(self, j: int, skip: int) -> Iterator[tuple[int, dict]]:
+        """The samples of shard position j from `skip` on, after its bytes were checked against the manifest."""
+        url = self.url(j)
+        if self.cfg.verify_checksums:
+            checksums = self.plan.shards.checksums
+            verify_shard(url, checksums[self.shard_index(j)])
+            nxt = j + self.plan.num_slots  # this reader's next shard, hashed while this one is read
+            if self.stream_end is None or nxt < self.stream_end:
+                verify_shard_ahead(self.url(nxt), checksums[self.shard_index(nxt)])
+        return iter_shard(url, skip=skip)
+
     def draw(self, k: int) -> int:
         st = self.state
         i = _mix(self.plan.seed, "buffer", self.slot, self.epoch, st["draws"]) % k
@@ -174,7 +185,7 @@ class _SlotReader:
         for j, wanted in by_pos.items():
             url = self.url(j)
             try:
-                for index, raw in iter_shard(url, skip=min(wanted)):
+                for index, raw in self.open_shard(j, min(wanted)):
                     if index in wanted:
                         parsed = self.checks.parse(raw, j, index, url)
                         if not isinstance(parsed, ParsedSample):
@@ -234,7 +245,7 @@ class _SlotReader:
             accepted_before = stats["accepted"]
             expected = self.plan.shards.num_samples[self.shard_index(j)]
             try:
-                for index, raw in iter_shard(url, skip=st["offset"]):
+                for index, raw in self.open_shard(j, st["offset"]):
                     st["offset"] = index + 1
                     stats["seen"] += 1
                     parsed = self.checks.parse(raw, j, index, url)

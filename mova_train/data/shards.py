@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from webdataset.shardlists import expand_urls
 
+from mova_train.checkpoint_io import sha256_file
 from mova_train.data.contract import MANIFEST_NAME, Manifest, ShardFormatError, load_manifest
 from mova_train.data.errors import ShardReadError
 
@@ -29,10 +32,93 @@ class ShardSet:
     def names(self) -> tuple[str, ...]:
         return tuple(u.rstrip("/").rsplit("/", 1)[-1] for u in self.urls)
 
+    @property
+    def checksums(self) -> tuple[str | None, ...]:
+        """Each shard's sha256 from the manifest (None where no manifest lists it)."""
+        by_name = {s.name: s.sha256 for s in self.manifest.shards} if self.manifest is not None else {}
+        return tuple(by_name.get(n) or None for n in self.names)
+
     def fingerprint(self) -> str:
-        """Names and counts, not paths, so a moved shard folder still resumes."""
-        text = "\n".join(f"{n}:{c}" for n, c in zip(self.names, self.num_samples))
+        """Names, counts and content checksums (from the manifest), not paths: a moved shard folder still resumes,
+        shards of the same names and counts with other content do not."""
+        text = "\n".join(f"{n}:{c}:{h}" for n, c, h in zip(self.names, self.num_samples, self.checksums))
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+# Shards whose bytes matched (or did not match) the manifest in this process, by (path, size, mtime): each is
+# hashed once, not on every epoch; a quarantined one is refused without being read again.
+_VERIFIED: set[tuple[str, int, int]] = set()
+_QUARANTINED: dict[tuple[str, int, int], str] = {}
+
+
+def _hash_check(url: str, key: tuple[str, int, int], sha256: str) -> None:
+    if sha256_file(url) == sha256:
+        _VERIFIED.add(key)
+    else:
+        _QUARANTINED[key] = (
+            f"shard {url}: its bytes do not hash to the manifest's sha256 {sha256[:16]}… (changed or corrupt since "
+            "it was written): quarantined, none of its samples is used; `python -m data_tools verify` checks the "
+            "whole folder"
+        )
+
+
+class _AheadHasher:
+    """One background thread per process that hashes the shard a reader will open next while it reads the
+    current one (hashlib releases the GIL), so verification costs the loader little beyond the first shard."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mova-shard-sha256")
+        self.pending: dict[tuple[str, int, int], Future] = {}
+
+
+_AHEAD: _AheadHasher | None = None
+
+
+def _ahead() -> _AheadHasher:
+    global _AHEAD
+    if _AHEAD is None or _AHEAD.pid != os.getpid():  # a forked loader worker starts its own thread
+        _AHEAD = _AheadHasher()
+    return _AHEAD
+
+
+def _key(url: str) -> tuple[str, int, int] | None:
+    try:
+        st = Path(url).stat()
+    except OSError:
+        return None
+    return (url, st.st_size, st.st_mtime_ns)
+
+
+def verify_shard_ahead(url: str, sha256: str | None) -> None:
+    """Start hashing a shard that will be read soon (a no-op when there is nothing to check)."""
+    if sha256 is None or not _is_local(url):
+        return
+    key = _key(url)
+    if key is None or key in _VERIFIED or key in _QUARANTINED:
+        return
+    ahead = _ahead()
+    if key not in ahead.pending:
+        ahead.pending[key] = ahead.pool.submit(_hash_check, url, key, sha256)
+
+
+def verify_shard(url: str, sha256: str | None) -> None:
+    """Raise ShardReadError naming the shard when its bytes do not hash to the manifest's sha256. Local files
+    only (a remote URL is checked by whoever serves it); a shard verified once is not hashed again unless it
+    changed on disk."""
+    if sha256 is None or not _is_local(url):
+        return
+    key = _key(url)
+    if key is None:
+        raise ShardReadError(f"shard {url}: cannot open (missing or unreadable)")
+    if key not in _VERIFIED and key not in _QUARANTINED:
+        pending = _ahead().pending.pop(key, None)
+        if pending is not None:
+            pending.result()
+        else:
+            _hash_check(url, key, sha256)
+    if key in _QUARANTINED:
+        raise ShardReadError(_QUARANTINED[key])
 
 
 def _is_local(url: str) -> bool:

@@ -18,10 +18,12 @@ import torch
 from torch import nn
 
 from mova_train.lora import extract_lora_state, load_adapters, load_lora_state_dict
-from mova_train.run_layout import DEEPSPEED_DIR, adapter_dir
+from mova_train.run_layout import adapter_dir
 from mova_train.training import checkpoint as ckpt_io
 from mova_train.training.distributed import all_reduce
-from mova_train.upstream import clear_zero3_stale_grads
+from mova_train.upstream import clear_zero3_stale_grads, relink_zero_optimizer_states
+
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")  # torch AdamW's per-parameter state besides `step`
 
 
 @dataclass
@@ -57,8 +59,9 @@ class Backend:
     def step(self, *, force_skip: bool) -> StepResult:
         raise NotImplementedError
 
-    def gathered(self, params: list[nn.Parameter]):
-        """Context in which `params` hold their full values on every rank (a no-op except under ZeRO-3)."""
+    def gathered(self, params: list[nn.Parameter], *, writable: bool = False):
+        """Context in which `params` hold their full values on every rank (a no-op except under ZeRO-3); with
+        `writable`, values written inside are kept."""
         return contextlib.nullcontext()
 
     def full_fp32(self, p: nn.Parameter) -> torch.Tensor:
@@ -182,13 +185,26 @@ class DeepSpeedBackend(Backend):
         clear_zero3_stale_grads(self.engine)
         return StepResult(applied, norm)
 
+    def flat_partitions(self, group_index: int) -> list[torch.Tensor]:
+        """This rank's flat fp32 partitions of our parameter group `group_index`: the tensors the optimizer state
+        is keyed by under ZeRO (one per group in ZeRO-1/2, one per sub-group in ZeRO-3)."""
+        zero = self.engine.optimizer
+        if self.zero_stage == 3:
+            return [
+                zero.fp32_partitioned_groups_flat[sub]
+                for sub, group in sorted(zero.sub_group_to_group_id.items())
+                if group == group_index
+            ]
+        return [zero.single_partition_of_fp32_groups[group_index]]
+
     # deepspeed is imported where used: importing it costs seconds, which every `--help` would pay.
-    def gathered(self, params: list[nn.Parameter]):
+    def gathered(self, params: list[nn.Parameter], *, writable: bool = False):
         if self.zero_stage != 3:
             return contextlib.nullcontext()
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        # writable: rank 0's values are partitioned back on exit (every rank writes the same ones here)
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if writable else None)
 
     def full_fp32(self, p: nn.Parameter) -> torch.Tensor:
         from deepspeed.utils import safe_get_full_fp32_param
@@ -200,20 +216,63 @@ class DeepSpeedBackend(Backend):
         return p.data if data is None else data
 
     def save(self, ckpt: Path, *, is_main: bool) -> None:
-        self.engine.save_checkpoint(
-            str(ckpt / DEEPSPEED_DIR), tag="state", exclude_frozen_parameters=True, save_latest=False
-        )
+        """The optimizer state of every trainable parameter, consolidated from the ZeRO partitions (collective),
+        in the same safetensors format as without DeepSpeed: no DeepSpeed pickle is written or ever read, and
+        the checkpoint resumes under another ZeRO stage or without DeepSpeed."""
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        relink_zero_optimizer_states(self.engine)
+        params = dict(self.module.named_parameters())
+        tensors: dict[str, torch.Tensor] = {}
+        for index, group in enumerate(self.optimizer.param_groups):
+            flats = self.flat_partitions(index)
+            flat_state = self.optimizer.state.get(flats[0]) if flats else None
+            if not flat_state:
+                continue  # never stepped (an expert that has not run yet): no state, as without DeepSpeed
+            step = flat_state["step"]
+            for name in group["names"]:
+                for key in ADAM_MOMENTS:
+                    value = safe_get_full_optimizer_state(params[name], key)
+                    tensors[f"{name}::{key}"] = value.detach().float().cpu()
+                tensors[f"{name}::step"] = (
+                    step.detach().cpu().clone() if torch.is_tensor(step) else torch.tensor(step)
+                )
+        if is_main:
+            ckpt_io.write_optimizer_state(ckpt, tensors, self.optimizer.param_groups)
 
     def load(self, ckpt: Path) -> None:
-        path, _ = self.engine.load_checkpoint(
-            str(ckpt / DEEPSPEED_DIR),
-            tag="state",
-            load_module_strict=False,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=False,
-        )
-        if path is None:
-            raise ckpt_io.ResumeError(f"{ckpt / DEEPSPEED_DIR}: DeepSpeed found no checkpoint to load")
+        """Adapters into the module (full values, also under ZeRO-3) and into DeepSpeed's fp32 master copies,
+        then the Adam moments and step counts into the partitions (collective)."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        adapters, _, _ = load_adapters(adapter_dir(ckpt))
+        trainable = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        with self.gathered([p for _, p in trainable], writable=True):
+            load_lora_state_dict(self.module, adapters, source=str(adapter_dir(ckpt)))
+        for name, p in trainable:
+            (canonical,) = extract_lora_state({name: p})
+            safe_set_full_fp32_param(p, adapters[canonical].to(self.accelerator.device, torch.float32))
+        saved = ckpt_io.read_optimizer_state(ckpt, self.optimizer)
+        params = dict(trainable)
+        for index, group in enumerate(self.optimizer.param_groups):
+            entries = [saved.get(n) for n in group["names"]]
+            if not any(entries):
+                continue
+            for flat in self.flat_partitions(
+                index
+            ):  # torch AdamW's lazily created state, made now to be filled
+                state = self.optimizer.state[flat]
+                state.setdefault("exp_avg", torch.zeros_like(flat, memory_format=torch.preserve_format))
+                state.setdefault("exp_avg_sq", torch.zeros_like(flat, memory_format=torch.preserve_format))
+                state["step"] = entries[0]["step"].clone()
+        relink_zero_optimizer_states(self.engine)
+        for group in self.optimizer.param_groups:
+            entries = [saved.get(n) for n in group["names"]]
+            if not any(entries):
+                continue
+            for name, entry in zip(group["names"], entries):
+                for key in ADAM_MOMENTS:
+                    safe_set_full_optimizer_state(params[name], entry[key].to(self.accelerator.device), key)
 
 
 def build_backend(

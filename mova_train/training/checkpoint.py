@@ -221,36 +221,50 @@ def load_rank_state(ckpt: Path, rank: int, generator: torch.Generator) -> dict:
 # Optimizer state without DeepSpeed (the moments of the trainable parameters only)
 
 
-def save_optimizer_state(ckpt: Path, optimizer: torch.optim.Optimizer) -> None:
-    """`optimizer.safetensors` (moments keyed by parameter name) + `optimizer.json` (hyper-parameters)."""
-    tensors: dict[str, torch.Tensor] = {}
-    groups = []
-    for group in optimizer.param_groups:
-        names = group["names"]
-        for name, p in zip(names, group["params"]):
-            for key, value in optimizer.state.get(p, {}).items():
-                if not torch.is_tensor(value):
-                    value = torch.tensor(value)
-                tensors[f"{name}::{key}"] = value
-        groups.append({k: v for k, v in group.items() if k != "params"})
+def write_optimizer_state(ckpt: Path, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+    """`optimizer.safetensors` (`<parameter name>::<state key>`: full, unpartitioned values) + `optimizer.json`
+    (each group's names and hyper-parameters). One format for every backend and ZeRO stage."""
     _save_tensors_atomic(ckpt / "optimizer.safetensors", tensors)
-    write_json_atomic(ckpt / "optimizer.json", {"param_groups": _jsonable(groups)})
+    write_json_atomic(
+        ckpt / "optimizer.json",
+        {"param_groups": _jsonable([{k: v for k, v in g.items() if k != "params"} for g in groups])},
+    )
 
 
-def load_optimizer_state(ckpt: Path, optimizer: torch.optim.Optimizer) -> None:
-    """Restore moments by parameter name; the groups must hold the same parameters as when saved."""
+def read_optimizer_state(ckpt: Path, optimizer: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
+    """The saved state by parameter name ({name: {state key: tensor}}); the groups' hyper-parameters are set on
+    `optimizer`, whose groups must hold the same parameter names as when saved."""
     saved = read_json(ckpt / "optimizer.json")["param_groups"]
     if [g["names"] for g in saved] != [g["names"] for g in optimizer.param_groups]:
         raise ResumeError(f"{ckpt / 'optimizer.json'}: the trainable parameters differ from this run's")
-    tensors = load_file(str(ckpt / "optimizer.safetensors"))
     for group, saved_group in zip(optimizer.param_groups, saved):
         for key, value in saved_group.items():
             if key not in ("names", "lr", "active"):
                 group[key] = tuple(value) if key == "betas" else value
+    by_name: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(str(ckpt / "optimizer.safetensors")).items():
+        name, state_key = key.split("::", 1)
+        by_name.setdefault(name, {})[state_key] = value
+    return by_name
+
+
+def save_optimizer_state(ckpt: Path, optimizer: torch.optim.Optimizer) -> None:
+    """The state of a plain (unwrapped) optimizer, in the shared format."""
+    tensors: dict[str, torch.Tensor] = {}
+    for group in optimizer.param_groups:
         for name, p in zip(group["names"], group["params"]):
-            entries = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.split("::", 1)[0] == name}
-            if entries:
-                optimizer.state[p] = {k: v.to(p.device) if k != "step" else v for k, v in entries.items()}
+            for key, value in optimizer.state.get(p, {}).items():
+                tensors[f"{name}::{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    write_optimizer_state(ckpt, tensors, optimizer.param_groups)
+
+
+def load_optimizer_state(ckpt: Path, optimizer: torch.optim.Optimizer) -> None:
+    """Restore a plain optimizer's moments by parameter name."""
+    saved = read_optimizer_state(ckpt, optimizer)
+    for group in optimizer.param_groups:
+        for name, p in zip(group["names"], group["params"]):
+            if name in saved:
+                optimizer.state[p] = {k: v.to(p.device) if k != "step" else v for k, v in saved[name].items()}
 
 
 def _jsonable(obj: Any) -> Any:

@@ -22,7 +22,8 @@ import torch
 from omegaconf import OmegaConf
 
 from mova_train import run_layout as layout
-from mova_train.checkpoint_io import write_json_atomic
+from mova_train.checkpoint_io import CheckpointError, write_json_atomic
+from mova_train.codecs import codec_identity
 from mova_train.config import TrainConfig, config_to_dict, resolve_path
 from mova_train.data.shards import resolve_shards
 from mova_train.lora import (
@@ -147,21 +148,29 @@ class Checkpointer:
             self.lock.release()
             self.lock = None
 
-    def fingerprint(self, *, components: tuple[str, ...], zero_stage: int, mixed_precision: str) -> dict:
+    def fingerprint(self, *, components: tuple[str, ...], mixed_precision: str) -> dict:
         """What a checkpoint must share with this run to be resumed (differences are named on refusal)."""
         cfg = self.cfg
         if self.is_main:
             # Always over all four diffusion components, whatever this run loads: export --format merged and the
             # sampler check adapters against the identity of the whole base.
-            ident = base_identity(resolve_path(cfg.model.checkpoint, field_name="model.checkpoint"))
+            checkpoint = resolve_path(cfg.model.checkpoint, field_name="model.checkpoint")
+            ident, codecs = base_identity(checkpoint), None
+            try:
+                codecs = codec_identity(checkpoint)
+            except CheckpointError as e:
+                logger.warning(
+                    "the base checkpoint's codec identity is unknown (%s): shards are not checked", e
+                )
             shards = resolve_shards(cfg.data.shards).fingerprint()
         else:
-            ident = shards = None
-        self.base_identity, shards = broadcast_object((ident, shards))
+            ident = codecs = shards = None
+        # base_identity / codec_identity: what adapters and shards are checked against (rank 0 reads, all get it)
+        self.base_identity, self.codec_identity, shards = broadcast_object((ident, codecs, shards))
         self.fingerprint_now = flatten(
             {
+                # Not the ZeRO stage: the saved state is consolidated, so a run may resume under another stage.
                 "world_size": self.world_size,
-                "zero_stage": zero_stage,
                 "mixed_precision": mixed_precision,
                 "model_dtype": cfg.model.dtype,
                 "components": list(components),

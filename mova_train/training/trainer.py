@@ -20,8 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from mova_train.checkpoint_io import CheckpointError
-from mova_train.codecs import codec_identity
 from mova_train.config import (
     COMPONENTS,
     EXPERTS,
@@ -36,6 +34,7 @@ from mova_train.data.loader import build_loader
 from mova_train.lora import apply_lora, as_lora_config
 from mova_train.models import FlowMatchScheduler, set_activation_checkpointing
 from mova_train.models.checkpoint import load_mova
+from mova_train.run_layout import list_checkpoints
 from mova_train.training.backend import build_backend
 from mova_train.training.checkpointer import Checkpointer, Counters, NonFiniteTrainingError
 from mova_train.training.distributed import (
@@ -43,7 +42,6 @@ from mova_train.training.distributed import (
     all_gather_floats,
     all_reduce,
     barrier,
-    broadcast_object,
     build_accelerator,
     resolve_runtime,
 )
@@ -125,9 +123,7 @@ class Trainer:
     def find_resume_checkpoint(self) -> None:
         cfg = self.cfg
         self.components = tuple(cfg.model.components) if cfg.model.components else required_components(cfg)
-        self.checkpointer.fingerprint(
-            components=self.components, zero_stage=self.zero_stage, mixed_precision=self.mixed_precision
-        )
+        self.checkpointer.fingerprint(components=self.components, mixed_precision=self.mixed_precision)
         self.checkpointer.find_resume()
 
     def build_model(self) -> None:
@@ -171,16 +167,7 @@ class Trainer:
             self.checkpointer.record_base(self.backend)
 
     def build_data(self) -> None:
-        cfg = self.cfg
-        identity = None
-        if self.is_main:
-            try:
-                identity = codec_identity(resolve_path(cfg.model.checkpoint, field_name="model.checkpoint"))
-            except CheckpointError as e:
-                logger.warning(
-                    "the base checkpoint's codec identity is unknown (%s): shards are not checked", e
-                )
-        identity = broadcast_object(identity)
+        cfg, identity = self.cfg, self.checkpointer.codec_identity
         self.loader = build_loader(
             cfg.data, rank=self.rank, world_size=self.world_size, seed=cfg.trainer.seed,
             text_len=self.model_config.text_len, expected_codec_identity=identity,
@@ -336,14 +323,23 @@ class Trainer:
         return row
 
     def check_skips(self) -> None:
-        """Abort after `max_consecutive_skips` non-finite steps in a row (the counter is the same on every rank)."""
+        """Abort after `max_consecutive_skips` non-finite steps in a row (the counter is the same on every rank),
+        pointing at the newest checkpoint older than the weights that gave the first non-finite loss."""
         c, limit = self.counters, self.cfg.trainer.max_consecutive_skips
-        if c.consecutive_skips >= limit:
-            raise NonFiniteTrainingError(
-                f"{c.consecutive_skips} optimizer steps in a row had a non-finite loss or gradient (last at step "
-                f"{c.step}); stopping. Lower optim.lr, check the data (data.validate=true), or resume from "
-                f"{self.checkpointer.last or 'a checkpoint'} with other settings (trainer.max_consecutive_skips={limit})"
-            )
+        if c.consecutive_skips < limit:
+            return
+        first = c.step - c.consecutive_skips + 1  # the weights after step first-1 gave its non-finite loss
+        good = [p for s, p in list_checkpoints(self.run_dir) if s <= first - 2]
+        advice = (
+            f"resume from {good[-1]} (trainer.resume=PATH) with other settings"
+            if good
+            else "no checkpoint predates them: start again (trainer.resume=never) with other settings"
+        )
+        raise NonFiniteTrainingError(
+            f"{c.consecutive_skips} optimizer steps in a row had a non-finite loss or gradient (steps {first}-{c.step});"
+            f" stopping. Checkpoints from step {first - 1} on hold the weights that gave the first one: {advice} "
+            f"(lower optim.lr, check the data with data.validate=true; trainer.max_consecutive_skips={limit})"
+        )
 
     def next_batch(self):
         try:
