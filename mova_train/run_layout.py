@@ -9,6 +9,7 @@ sampler and `doctor` read it through these functions instead of re-deriving path
       metrics.jsonl                 one row per optimizer step
       logs/rank{N}.log              per-rank log
       logs/rank{N}.alive            touched every few seconds while rank N runs (names a stalled peer)
+      logs/rank{N}.samples.jsonl    the keys of the samples rank N trained on, one line per optimizer step
       eval/                         renders and eval.jsonl
       checkpoints/step-XXXXXXXX/    complete checkpoints (written as .tmp-step-XXXXXXXX, renamed when complete)
         trainer_state.json          its presence marks the checkpoint complete
@@ -112,3 +113,7 @@ def replaced_checkpoints_dir(run_dir: str | os.PathLike, stamp: str) -> Path:
 
 def heartbeat_file(run_dir: str | os.PathLike, rank: int) -> Path:
     return Path(run_dir) / LOGS_DIR / f"rank{rank}.alive"
+
+
+def samples_file(run_dir: str | os.PathLike, rank: int) -> Path:
+    return Path(run_dir) / LOGS_DIR / f"rank{rank}.samples.jsonl"

@@ -457,3 +457,51 @@ def test_the_non_finite_abort_names_a_checkpoint_from_before_the_bad_weights(
     message = str(err.value)
     assert "steps 4-6" in message and "from step 3 on hold the weights" in message
     assert f"resume from {run_layout.checkpoints_dir(run_dir) / run_layout.checkpoint_name(2)} " in message
+
+
+# ---------------------------------------------------------------------------------------------- elastic resume
+def test_two_ranks_then_one_then_two_continue_the_epoch_and_the_optimizer_exactly(tiny_checkpoint, tmp_path):
+    data = write_random_shards_for(tiny_checkpoint, tmp_path / "shards", num_clips=12, num_shards=4)
+    run_dir = tmp_path / "run"
+    common = (
+        "deepspeed=zero2", "data.resample=false", "data.shuffle_buffer=3", "data.batch_size=1",
+        "trainer.save_every=2", "trainer.keep_last=0", "tracking.mode=disabled",
+    )  # fmt: skip
+
+    def leg(processes: int, max_steps: int) -> None:
+        overrides = [*common, f"trainer.max_steps={max_steps}"]
+        if processes == 1:
+            cmd = [sys.executable, "train.py", *tiny_overrides(tiny_checkpoint, data, run_dir, *overrides)]
+        else:
+            cmd = launch_cmd(tiny_checkpoint, data, run_dir, *overrides)
+        proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=launch_env(), capture_output=True, text=True,
+                              timeout=subprocess_timeout(300))  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-4000:]
+
+    leg(2, 2)  # 2 ranks x batch 1: global batch 2, 4 samples
+    two_rank = run_layout.latest_checkpoint(run_dir)
+    # the adapter and every Adam moment load bit for bit on 1 rank (load, then save at once)
+    out = tmp_path / "resaved"
+    proc = subprocess.run(
+        [sys.executable, "tests/resave_checkpoint.py", str(tiny_checkpoint), str(data), str(two_rank), str(out),
+         *common],
+        cwd=PROJECT_ROOT, env=launch_env(), capture_output=True, text=True, timeout=subprocess_timeout(300),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for name in ("optimizer.safetensors", "adapter/adapters.safetensors"):
+        before, after = _tensors(two_rank / name), _tensors(run_layout.latest_checkpoint(out) / name)
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), name
+    leg(1, 4)  # 1 rank: gradient accumulation 2 keeps the global batch of 2
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    assert (
+        "continued by 1 with trainer.gradient_accumulation_steps=2, which keeps the global batch of 2" in log
+    )
+    assert "remaining samples were shared out anew" in log
+    leg(2, 6)  # back to 2 ranks: the last 4 samples of the epoch
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and rows[-1]["samples_seen"] == 12
+    keys = []
+    for rank in (0, 1):
+        for line in run_layout.samples_file(run_dir, rank).read_text().splitlines():
+            keys += json.loads(line)["keys"]
+    assert sorted(keys) == sorted(f"clip{i:05d}" for i in range(12))  # each sample of the epoch exactly once

@@ -18,6 +18,8 @@ IDENTITY = "synthetic-codecs"
 TEXT_LEN = 16
 
 
+# Tests that damage a shard on purpose to reach a later check pass verify_checksums=False: the manifest's sha256
+# (checked first by default) would quarantine the shard before it is read.
 def _loader(shards, *, expected=IDENTITY, **kw):
     cfg = DataConfig(shards=str(shards), **{"batch_size": 2, "shuffle_buffer": 4, "resample": False, **kw})
     return build_loader(
@@ -115,7 +117,7 @@ def test_malformed_samples_are_rejected_by_reason(tmp_path):
             if meta["clip_id"] == "clip_002":
                 raw["__key__"] = "renamed_in_tar"  # tar key and metadata clip_id disagree
             w.write(raw)
-    loader = _loader(tmp_path, batch_size=1, max_rejected_fraction=1.0)
+    loader = _loader(tmp_path, verify_checksums=False, batch_size=1, max_rejected_fraction=1.0)
     keys = _keys(loader)
     assert not {"clip_001", "clip_002", "renamed_in_tar", "clip_odd"} & set(keys)
     assert loader.stats["rejected"] == {"invalid": 1, "key_mismatch": 1, "shape_mismatch": 1}
@@ -153,8 +155,10 @@ def test_shard_shorter_than_its_manifest_is_detected(tmp_path):
     write_shard_set(tmp_path, shards)
     write_shard(tmp_path / shard_name(3), shards[3][:4])  # a valid tar, but 2 samples short
     with pytest.raises(ShardReadError, match="the manifest says 6"):
-        _keys(_loader(tmp_path))
-    loader = _loader(tmp_path, resample=True, max_rejected_fraction=0.5, shuffle_shards=False)
+        _keys(_loader(tmp_path, verify_checksums=False))
+    loader = _loader(
+        tmp_path, verify_checksums=False, resample=True, max_rejected_fraction=0.5, shuffle_shards=False
+    )
     [b for _, b in zip(range(12), loader)]  # one full pass and more
     assert loader.stats["rejected"]["corrupt_shard"] >= 2
 
@@ -168,7 +172,7 @@ def test_sample_missing_its_latents_is_rejected(tmp_path):
             if i == 2:
                 del raw["latents.safetensors"]
             w.write(raw)
-    loader = _loader(tmp_path, batch_size=1, max_rejected_fraction=0.5)
+    loader = _loader(tmp_path, verify_checksums=False, batch_size=1, max_rejected_fraction=0.5)
     assert _keys(loader) == ["clip_000", "clip_001", "clip_003"]
     assert loader.stats["rejected"] == {"missing_member": 1}
 
@@ -178,7 +182,7 @@ def test_inf_in_bf16_latent_is_rejected(tmp_path):
     shard = [make_synthetic_sample(f"c{i}", dtype=torch.bfloat16, generator=g) for i in range(3)]
     shard[1][1]["video"][3, 0, 1, 2] = -math.inf
     write_shard_set(tmp_path, [shard])
-    loader = _loader(tmp_path, batch_size=1, max_rejected_fraction=0.5)
+    loader = _loader(tmp_path, verify_checksums=False, batch_size=1, max_rejected_fraction=0.5)
     assert _keys(loader) == ["c0", "c2"]
     assert loader.stats["rejected"] == {"non_finite": 1}
 

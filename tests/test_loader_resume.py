@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mova_train.data.config import DataConfig
+from mova_train.data.errors import LoaderStateError
 from mova_train.data.loader import build_loader
 from mova_train.data.synthetic import write_synthetic_shards
 
@@ -114,3 +115,36 @@ def test_resume_on_two_ranks(shard_dir, num_workers):
         resumed = _loader(shard_dir, num_workers=num_workers, resample=True, rank=rank, world_size=2)
         resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
         _assert_same(head + _take(resumed, 6), full)
+
+
+def _keys_of(batches) -> list[str]:
+    return [k for b in batches for k in b.keys]
+
+
+@pytest.mark.parametrize("workers", [(0, 0, 0), (1, 0, 2)])
+def test_an_epoch_continues_on_another_number_of_ranks_and_workers(shard_dir, workers):
+    """2 ranks -> 1 rank -> 2 ranks (and other reader counts), stopping mid-epoch each time: every sample of the
+    epoch is handed out exactly once over the three legs, none skipped, none twice."""
+    everything = sorted(_keys_of(_loader(shard_dir, num_workers=0, resample=False)))
+    assert len(everything) == 35
+    seen: list[str] = []
+    first = [_loader(shard_dir, num_workers=workers[0], resample=False, rank=r, world_size=2) for r in (0, 1)]
+    for loader in first:
+        seen += _keys_of(_take(loader, 3))
+    middle = _loader(shard_dir, num_workers=workers[1], resample=False)
+    middle.load_resplit_state([json.loads(json.dumps(x.state_dict())) for x in first])
+    seen += _keys_of(_take(middle, 4))
+    last = [_loader(shard_dir, num_workers=workers[2], resample=False, rank=r, world_size=2) for r in (0, 1)]
+    for loader in last:
+        loader.load_resplit_state([json.loads(json.dumps(middle.state_dict()))])
+        seen += _keys_of(list(loader))  # the rest of the epoch
+    assert sorted(seen) == everything
+
+
+def test_a_state_of_other_data_settings_is_not_continued(shard_dir):
+    saved = [_loader(shard_dir, num_workers=0, resample=False, rank=r, world_size=2) for r in (0, 1)]
+    for loader in saved:
+        _take(loader, 1)
+    other = _loader(shard_dir, num_workers=0, resample=True)
+    with pytest.raises(LoaderStateError, match="resample=False"):
+        other.load_resplit_state([x.state_dict() for x in saved])

@@ -63,6 +63,8 @@ from mova_train.data.stats import check_rejected, empty_stats, merge_stats
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+# Layout fields a state may differ in and still be continued, by `ShardLoader.load_resplit_state`.
+_ELASTIC_FIELDS = ("rank", "world_size", "num_workers")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -104,6 +106,7 @@ def _fresh_slot_state(plan: _Plan, worker: int, epoch: int) -> dict:
     return {
         "cursor": start,
         "offset": 0,
+        "queue": [],  # [position, offset] to read before `cursor` (left by readers of another layout)
         "draws": 0,
         "buffer": [],
         "pending": [],
@@ -239,8 +242,9 @@ class _SlotReader:
             del pending[sample.group]
             return build_batch(group, self.plan.text_len)
 
-        while self.stream_end is None or st["cursor"] < self.stream_end:
-            j = st["cursor"]
+        while st["queue"] or self.stream_end is None or st["cursor"] < self.stream_end:
+            from_queue = bool(st["queue"])
+            j = st["queue"][0][0] if from_queue else st["cursor"]
             url = self.url(j)
             accepted_before = stats["accepted"]
             expected = self.plan.shards.num_samples[self.shard_index(j)]
@@ -279,8 +283,12 @@ class _SlotReader:
                 stats["seen"] += lost
                 stats["shard_errors"] += 1
                 self.reject("corrupt_shard", str(e), lost)
-            st["cursor"] = j + num_slots
-            st["offset"] = 0
+            if from_queue:
+                st["queue"].pop(0)
+                st["offset"] = st["queue"][0][1] if st["queue"] else 0
+            else:
+                st["cursor"] = j + num_slots
+                st["offset"] = 0
             if stats["accepted"] > accepted_before:
                 st["shards_without_sample"] = 0
             else:
@@ -321,6 +329,7 @@ def _copy_state(state: dict) -> dict:
         **state,
         "buffer": [list(r) for r in state["buffer"]],
         "pending": [list(r) for r in state["pending"]],
+        "queue": [list(q) for q in state.get("queue", [])],
         "stats": {**stats, "rejected": dict(stats["rejected"]), "examples": dict(stats["examples"])},
     }
 
@@ -542,6 +551,87 @@ class ShardLoader:
             raise LoaderStateError(f"loader state is malformed ({type(e).__name__}: {e})") from None
         self._states = readers
         self._generation += 1  # any running iterator is now stale
+
+    # -- elastic resume ---------------------------------------------------------------------------------------
+    def load_resplit_state(self, states: list[Mapping[str, Any]]) -> None:
+        """Continue an epoch that other ranks/workers started: `states` are the state_dicts of every rank of a run
+        with another world size or num_workers. Every sample of the epoch is still read exactly once over the
+        old and the new ranks: each shard position a reader had started continues at its offset, the ones no
+        reader reached are shared out again, and the samples held in shuffle buffers and pending batches are
+        handed to the new readers. The order differs from an uninterrupted run (it cannot match)."""
+        plan, cfg = self.plan, self.cfg
+        layouts = [s.get("layout", {}) if isinstance(s, Mapping) else {} for s in states]
+        if not states or any(s.get("version") != STATE_VERSION for s in states):
+            raise LoaderStateError(
+                f"loader states of {len(states)} rank(s) are missing or of another version"
+            )
+        mine = {k: v for k, v in self._layout().items() if k not in _ELASTIC_FIELDS}
+        for name, value in mine.items():
+            theirs = {repr(lay.get(name)) for lay in layouts}
+            if theirs != {repr(value)}:
+                what = "shard set (names, sample counts and checksums)" if name == "shards" else name
+                raise LoaderStateError(
+                    f"loader state was saved with {what}={layouts[0].get(name)!r}, this loader has {value!r}; "
+                    "the data order depends on it, so it cannot continue the epoch"
+                )
+        old_world = len(states)
+        old_readers = max(1, int(layouts[0]["num_workers"]))
+        old_slots = old_world * old_readers
+        epochs = {int(s["epoch"]) for s in states}
+        if len(epochs) != 1:
+            raise LoaderStateError(
+                f"the saved ranks are in different epochs {sorted(epochs)} (data.resample=false with uneven "
+                "shards): resume with the same number of ranks"
+            )
+        epoch = epochs.pop()
+        n = len(plan.shards.urls)
+        end = None if cfg.resample else (epoch + 1) * n
+        slots: list[dict] = []
+        for rank, state in enumerate(states):
+            readers = {int(w): s for w, s in state["readers"].items()}
+            for w in range(old_readers):
+                slot_plan = _Plan(cfg, plan.shards, rank, old_world, plan.seed, plan.text_len, plan.spec,
+                                  plan.sample_identity)  # fmt: skip
+                slots.append(readers.get(w) or _fresh_slot_state(slot_plan, w, epoch))
+        # Positions each old reader started (partial) or will never reach (untouched), below the frontier.
+        live = [s for s in slots if not s["done"] and (end is None or s["cursor"] < end)]
+        frontier = max((s["cursor"] for s in live), default=end if end is not None else 0) + 1
+        if end is not None:
+            frontier = min(frontier, end)
+        work: list[list[int]] = []
+        for s in live:
+            work.append([s["cursor"], s["offset"]])
+            work += [[j, 0] for j in range(s["cursor"] + old_slots, frontier, old_slots)]
+        work.sort()
+        held = [ref for s in slots for ref in s["buffer"] + s["pending"]]
+        held.sort(key=_ref_order)
+        new_slots = plan.num_slots
+        self._states = {}
+        for w in range(plan.num_readers):
+            slot = plan.slot(w)
+            state = _fresh_slot_state(plan, w, epoch)
+            cursor = frontier + (slot - frontier) % new_slots
+            mine_work = work[slot::new_slots]
+            mine_held = held[slot::new_slots]
+            state.update(
+                cursor=cursor,
+                queue=mine_work,
+                offset=mine_work[0][1] if mine_work else 0,
+                buffer=mine_held if cfg.shuffle_buffer > 1 else [],
+                pending=[] if cfg.shuffle_buffer > 1 else mine_held,
+                done=bool(end is not None and cursor >= end and not mine_work and not mine_held),
+            )
+            self._states[w] = state
+        self._epoch = epoch
+        self._next_worker = 0
+        self._num_batches = 0
+        self._epoch_batches = sum(int(s["epoch_batches"]) for s in states)
+        self._past_stats = (
+            empty_stats()
+            if plan.rank
+            else merge_stats([dict(s["past_stats"]) for s in states] + [s["stats"] for s in slots])
+        )
+        self._generation += 1
 
 
 # ---------------------------------------------------------------------------------------------------------------

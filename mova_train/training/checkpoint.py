@@ -197,6 +197,14 @@ def save_rank_state(ckpt: Path, rank: int, generator: torch.Generator, loader_st
     )
 
 
+def read_loader_state(ckpt: Path, rank: int) -> dict:
+    """The data position rank `rank` saved (no RNG stream is touched)."""
+    path = layout.rank_dir(ckpt, rank) / "state.json"
+    if not path.is_file():
+        raise ResumeError(f"{ckpt} has no state for rank {rank} ({path})")
+    return read_json(path)["loader"]
+
+
 def load_rank_state(ckpt: Path, rank: int, generator: torch.Generator) -> dict:
     """Restore this rank's RNG streams; returns its loader state."""
     folder = layout.rank_dir(ckpt, rank)

@@ -12,19 +12,21 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
 from mova_train import run_layout as layout
 from mova_train.checkpoint_io import CheckpointError, write_json_atomic
 from mova_train.codecs import codec_identity
-from mova_train.config import TrainConfig, config_to_dict, resolve_path
+from mova_train.config import ConfigValueError, TrainConfig, config_to_dict, resolve_path
 from mova_train.data.shards import resolve_shards
 from mova_train.lora import (
     META_BASE_IDENTITY,
@@ -112,6 +114,38 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def keep_global_batch(cfg: TrainConfig, world_size: int) -> TrainConfig:
+    """Before any process group: when the checkpoint this run will resume from was saved by another number of
+    ranks, the config with the gradient accumulation that keeps its global batch (data.batch_size x accumulation x
+    ranks); refused, with the numbers, when no whole number of accumulation steps does."""
+    run_dir = resolve_path(cfg.trainer.run_dir, field_name="trainer.run_dir", must_exist=False)
+    try:
+        ckpt = ckpt_io.resolve_resume(cfg.trainer.resume, run_dir)
+        state = ckpt_io.read_trainer_state(ckpt) if ckpt is not None else None
+    except (ckpt_io.ResumeError, CheckpointError):
+        return cfg  # reported with the verified lookup, once the processes run
+    if state is None or state.get("world_size") == world_size:
+        return cfg
+    saved_global = state.get("fingerprint", {}).get("global_batch")
+    if saved_global is None:
+        return cfg  # a checkpoint of an older version: its fingerprint names the differing fields
+    per_step = cfg.data.batch_size * world_size
+    if saved_global % per_step:
+        raise ConfigValueError(
+            f"{ckpt} was trained with a global batch of {saved_global} samples on {state['world_size']} rank(s); "
+            f"{world_size} rank(s) x data.batch_size={cfg.data.batch_size} cannot make it up with whole "
+            "gradient accumulation steps: choose a number of ranks (or data.batch_size) that divides it"
+        )
+    gas = saved_global // per_step
+    if gas != cfg.trainer.gradient_accumulation_steps:
+        logger.warning(
+            "resuming %s (global batch %d, %d rank(s)) on %d rank(s): trainer.gradient_accumulation_steps %d -> %d",
+            ckpt, saved_global, state["world_size"], world_size, cfg.trainer.gradient_accumulation_steps, gas,
+        )  # fmt: skip
+        cfg = replace(cfg, trainer=replace(cfg.trainer, gradient_accumulation_steps=gas))
+    return cfg
+
+
 class Checkpointer:
     """Saves and restores a run's state; every method is collective (all ranks call it) unless it says not."""
 
@@ -169,8 +203,12 @@ class Checkpointer:
         self.base_identity, self.codec_identity, shards = broadcast_object((ident, codecs, shards))
         self.fingerprint_now = flatten(
             {
-                # Not the ZeRO stage: the saved state is consolidated, so a run may resume under another stage.
-                "world_size": self.world_size,
+                # Not the ZeRO stage, the world size or the loader workers: the saved state is consolidated and
+                # the data position re-split, so a run may resume under another stage or number of GPUs. The global
+                # batch must stay (keep_global_batch adjusts the gradient accumulation to it).
+                "global_batch": cfg.data.batch_size
+                * cfg.trainer.gradient_accumulation_steps
+                * self.world_size,
                 "mixed_precision": mixed_precision,
                 "model_dtype": cfg.model.dtype,
                 "components": list(components),
@@ -178,8 +216,6 @@ class Checkpointer:
                 "lora": lora_config_to_dict(as_lora_config(cfg.lora)),
                 "data_shards": shards,
                 "batch_size": cfg.data.batch_size,
-                "num_workers": cfg.data.num_workers,
-                "gradient_accumulation_steps": cfg.trainer.gradient_accumulation_steps,
                 "seed": cfg.trainer.seed,
             }
         )
@@ -203,6 +239,12 @@ class Checkpointer:
         self.saved = TrainerState.read(self.resume_from)
         ckpt_io.check_fingerprint(self.saved.fingerprint, self.fingerprint_now, where=str(self.resume_from))
         logger.info("resuming from %s (step %d)", self.resume_from, self.saved.step)
+        if self.saved.world_size != self.world_size:
+            logger.warning(
+                "elastic resume: saved by %d rank(s), continued by %d with trainer.gradient_accumulation_steps=%d, "
+                "which keeps the global batch of %s", self.saved.world_size, self.world_size,
+                self.cfg.trainer.gradient_accumulation_steps, self.fingerprint_now["global_batch"],
+            )  # fmt: skip
         return self.saved
 
     def find_intact(self, resume: str) -> str | None:
@@ -248,13 +290,35 @@ class Checkpointer:
             )
 
     def restore(self, backend: Backend, generator: torch.Generator, loader) -> Counters:
-        """Load the resume checkpoint into the backend, this rank's RNG streams and the loader; its counters."""
-        assert self.resume_from is not None and self.saved is not None
-        backend.load(self.resume_from)
-        loader.load_state_dict(ckpt_io.load_rank_state(self.resume_from, self.rank, generator))
-        self.last = self.resume_from
+        """Load the resume checkpoint into the backend, this rank's RNG streams and the loader; its counters.
+
+        Saved by as many ranks with as many loader workers: everything continues exactly. Saved by another number
+        of ranks or workers (elastic resume): the adapters and optimizer load the same (they are consolidated),
+        the epoch's remaining samples are shared out anew over the ranks (none skipped, none twice), and each
+        rank's RNG streams start from (seed, step, rank): the run goes on, not bit for bit as it would have."""
+        ckpt, saved = self.resume_from, self.saved
+        assert ckpt is not None and saved is not None
+        backend.load(ckpt)
+        same_workers = (
+            ckpt_io.read_loader_state(ckpt, 0)["layout"]["num_workers"] == self.cfg.data.num_workers
+        )
+        if saved.world_size == self.world_size and same_workers:
+            loader.load_state_dict(ckpt_io.load_rank_state(ckpt, self.rank, generator))
+        else:
+            loader.load_resplit_state([ckpt_io.read_loader_state(ckpt, r) for r in range(saved.world_size)])
+            seed = self.cfg.trainer.seed * 1_000_003 + saved.step * 7919 + self.rank
+            generator.manual_seed(seed)
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            logger.warning(
+                "elastic resume: %s was saved by %d rank(s), this run has %d (data.num_workers %s): the epoch's "
+                "remaining samples were shared out anew and the RNG streams reseeded",
+                ckpt, saved.world_size, self.world_size, "unchanged" if same_workers else "changed",
+            )  # fmt: skip
+        self.last = ckpt
         barrier()
-        return Counters(**asdict(self.saved.counters))
+        return Counters(**asdict(saved.counters))
 
     def save(
         self,

@@ -103,8 +103,8 @@ class MetricsWriter:
     """Appends one JSON object per optimizer step to metrics.jsonl; on resume, lines after the resumed step
     (written after the checkpoint by the interrupted run) are dropped so the file stays one line per step."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None):
-        self.path = run_dir / METRICS_FILE
+    def __init__(self, run_dir: Path, resume_step: int | None, *, path: Path | None = None):
+        self.path = path if path is not None else run_dir / METRICS_FILE
         if self.path.exists():
             keep = []
             for line in self.path.read_text(encoding="utf-8").splitlines():

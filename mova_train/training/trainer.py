@@ -34,9 +34,9 @@ from mova_train.data.loader import build_loader
 from mova_train.lora import apply_lora, as_lora_config
 from mova_train.models import FlowMatchScheduler, set_activation_checkpointing
 from mova_train.models.checkpoint import load_mova
-from mova_train.run_layout import list_checkpoints
+from mova_train.run_layout import list_checkpoints, samples_file
 from mova_train.training.backend import build_backend
-from mova_train.training.checkpointer import Checkpointer, Counters, NonFiniteTrainingError
+from mova_train.training.checkpointer import Checkpointer, Counters, NonFiniteTrainingError, keep_global_batch
 from mova_train.training.distributed import (
     PeerHeartbeat,
     all_gather_floats,
@@ -95,6 +95,7 @@ class Trainer:
         self.start_tracking()  # run files, metrics.jsonl, W&B, progress bar
 
     def resolve_runtime_settings(self) -> None:
+        self.cfg = keep_global_batch(self.cfg, int(os.environ.get("WORLD_SIZE", "1")))  # elastic resume
         self.mixed_precision, self.ds_config = resolve_runtime(self.cfg)
         self.zero_stage = int(self.ds_config["zero_optimization"]["stage"]) if self.ds_config else 0
 
@@ -194,19 +195,14 @@ class Trainer:
         self.config_dict = config_to_dict(cfg)
         resume_from = self.checkpointer.resume_from
         resume_step = self.counters.step if resume_from is not None else None
+        self.sample_log = MetricsWriter(self.run_dir, resume_step, path=samples_file(self.run_dir, self.rank))
         if self.is_main:
-            write_run_files(
-                self.run_dir,
-                self.config_dict,
-                {
-                    "world_size": self.world_size,
-                    "zero_stage": self.zero_stage,
-                    "deepspeed_config": self.ds_config,
-                    "mixed_precision": self.mixed_precision,
-                    "targets": {c: len(p) for c, p in self.targets.items()},
-                    "resumed_from": str(resume_from) if resume_from else None,
-                },
-            )
+            run_info = {
+                "world_size": self.world_size, "zero_stage": self.zero_stage, "deepspeed_config": self.ds_config,
+                "mixed_precision": self.mixed_precision, "targets": {c: len(p) for c, p in self.targets.items()},
+                "resumed_from": str(resume_from) if resume_from else None,
+            }  # fmt: skip
+            write_run_files(self.run_dir, self.config_dict, run_info)
             self.metrics = MetricsWriter(self.run_dir, resume_step)
             self.tracker = WandbTracker(cfg.tracking, self.run_dir, cfg.name, self.config_dict, resume_step)
             self.progress = ProgressBar(cfg.tracking.progress_bar, cfg.trainer.max_steps, self.counters.step)
@@ -258,7 +254,7 @@ class Trainer:
         lr = set_step_hyperparams(self.optimizer, cfg.optim, c.step, cfg.trainer.max_steps, active)
         start = time.perf_counter()
         local = {"loss": 0.0, "loss_video": 0.0, "loss_audio": 0.0, "samples": 0.0, "tokens": 0.0}
-        nonfinite, timesteps, timesteps_audio = False, [], []
+        nonfinite, timesteps, timesteps_audio, keys = False, [], [], []
         for i in range(gas):
             batch = self.next_batch().to(self.device)
             inputs = self.objective.prepare(
@@ -281,6 +277,7 @@ class Trainer:
             local["tokens"] += len(batch) * tokens_per_sample(batch, self.model_config.video_dit.patch_size)
             timesteps += inputs.timestep_video.tolist()
             timesteps_audio += inputs.timestep_audio.tolist()
+            keys += batch.keys
         local["rejected"] = float(self.loader.stats.get("rejected_total", 0))
         stop_flag, any_nonfinite = all_reduce(
             [float(self.stop.signal is not None), float(nonfinite)], "max", self.device
@@ -309,6 +306,7 @@ class Trainer:
             "samples_seen": c.samples,
             "rejected_samples": int(sums[5]),  # over all ranks, since the run (or its resume) started
             "_stop": stop_flag > 0,
+            "_keys": keys,
         }
         if cfg.objective.independent_audio_timestep:
             row["timesteps_audio"] = all_gather_floats(
@@ -349,6 +347,9 @@ class Trainer:
             return next(self.batches)
 
     def log_step(self, row: dict) -> None:
+        self.sample_log.write(
+            {"step": row["step"], "keys": row.pop("_keys")}
+        )  # every rank: which clips it used
         if not self.is_main:
             return
         public = {k: v for k, v in row.items() if not k.startswith("_")}
@@ -365,6 +366,8 @@ class Trainer:
     def finish(self) -> None:
         self.stop.restore()
         self.heartbeat.stop()
+        if getattr(self, "sample_log", None) is not None:
+            self.sample_log.close()
         if self.loader is not None:
             logger.info("data on rank %d: %s", self.rank, self.loader.stats)
         if self.is_main:
