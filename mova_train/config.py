@@ -10,7 +10,6 @@ composition with the key named.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,8 @@ from mova_train.training.config import (
     OptimConfig,
     TrackingConfig,
     TrainerConfig,
+    check_deepspeed_json,
+    read_deepspeed_json,
 )
 
 # The project root: relative paths in configs (DeepSpeed JSON, demo outputs) may be given relative to it.
@@ -171,22 +172,8 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
         check_shard_spec("eval.heldout_shards", cfg.eval.heldout_shards)
     if cfg.deepspeed.config is not None:
         path = resolve_path(cfg.deepspeed.config, field_name="deepspeed.config")
-        try:
-            ds = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigValueError(
-                f"deepspeed.config={cfg.deepspeed.config!r}: {path} is not valid JSON ({e})"
-            ) from None
-        if not isinstance(ds, dict) or not isinstance(ds.get("zero_optimization"), dict):
-            raise ConfigValueError(
-                f"deepspeed.config: {path} must be a JSON object with a zero_optimization section"
-            )
-        for key in ("optimizer", "scheduler"):
-            if key in ds:
-                raise ConfigValueError(
-                    f"deepspeed.config: {path} has a {key!r} section; the trainer builds the optimizer and LR "
-                    "schedule from the optim group (remove the section)"
-                )
+        ds = read_deepspeed_json(path, where=f"deepspeed.config={cfg.deepspeed.config!r}")
+        check_deepspeed_json(ds, where=f"deepspeed.config: {path}")
     if cfg.trainer.resume not in ("auto", "never"):
         resolve_path(cfg.trainer.resume, field_name="trainer.resume")
     return cfg

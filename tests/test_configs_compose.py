@@ -154,6 +154,39 @@ def test_each_group_validates_its_own_fields_alone(group, field, allowed):
     DeepSpeedConfig(config="nowhere.json").validate()
 
 
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"train_batch_size": 8}', "zero_optimization section"),
+        (
+            '{"zero_optimization": {"stage": 1}}',
+            "zero_optimization.stage=1 is not supported; allowed: (2, 3)",
+        ),
+        ('{"zero_optimization": {"stage": 2}, "optimizer": {}}', "has a 'optimizer' section"),
+        ('{"zero_optimization": {"stage": 3}, "scheduler": {}}', "has a 'scheduler' section"),
+    ],
+    ids=["not-json", "no-zero-section", "stage-1", "optimizer", "scheduler"],
+)
+def test_a_bad_deepspeed_json_fails_the_same_in_validation_and_at_launch(
+    tiny_checkpoint, shards, tmp_path, monkeypatch, content, message
+):
+    from mova_train.training.distributed import build_deepspeed_config
+
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    path = tmp_path / "ds.json"
+    path.write_text(content)
+    cfg = to_train_config(
+        compose_train(tiny_overrides(tiny_checkpoint, shards, tmp_path / "run", f"deepspeed.config={path}"))
+    )
+    with pytest.raises(ConfigValueError) as validated:
+        validate_config(cfg)
+    with pytest.raises(ConfigValueError) as launched:
+        build_deepspeed_config(cfg, "no")
+    assert message in str(validated.value) and "deepspeed.config" in str(validated.value)
+    assert str(launched.value) == str(validated.value)
+
+
 def test_validation_runs_before_any_process_group_or_run_dir(tiny_checkpoint, shards, tmp_path):
     cfg = compose_train(
         tiny_overrides(tiny_checkpoint, shards, tmp_path / "run", "objective.expert=sometimes")

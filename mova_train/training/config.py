@@ -1,6 +1,6 @@
 """The training-side Hydra groups (`model`, `objective`, `optim`, `deepspeed`, `tracking`, `trainer`, `eval`): one
 dataclass per group, each with `validate()` checking its own fields (ConfigValueError naming the field and the
-allowed values).
+allowed values), and the one check of a DeepSpeed JSON (`check_deepspeed_json`).
 
 Checks that need several groups or the file system (the checkpoint folder, components against the objective, the
 shards, the DeepSpeed file, a resume path) are `mova_train.config.validate_config`'s, which assembles the groups.
@@ -8,8 +8,11 @@ shards, the DeepSpeed file, a resume path) are `mova_train.config.validate_confi
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from mova_train.errors import ConfigValueError, check_choice, check_float, check_int, fail
 from mova_train.names import COMPONENTS, EXPERTS
@@ -22,6 +25,7 @@ MIXED_PRECISIONS = ("auto", "no", "bf16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw",)
 TRACKING_MODES = ("online", "offline", "disabled")
+SUPPORTED_ZERO_STAGES = (2, 3)
 
 
 @dataclass
@@ -124,7 +128,37 @@ class DeepSpeedConfig:
     config: str | None = None
 
     def validate(self) -> None:
-        """Nothing to check without the file system: validate_config reads and checks the JSON."""
+        """Nothing to check without the file system: validate_config reads the JSON and checks it with
+        check_deepspeed_json (as build_deepspeed_config does when the run starts)."""
+
+
+def read_deepspeed_json(path: Path, *, where: str) -> Any:
+    """The parsed JSON at `path` (not yet checked: see check_deepspeed_json); `where` names the setting that
+    gave the path (`deepspeed.config='...'`, the accelerate flag)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigValueError(f"{where}: {path} is not valid JSON ({e})") from None
+
+
+def check_deepspeed_json(ds: Any, *, where: str) -> dict:
+    """`ds` (a parsed DeepSpeed config) if the trainer can use it: a zero_optimization section with a supported
+    stage, and no optimizer or scheduler section (the optim group builds both). `where` names its source in
+    the ConfigValueError."""
+    if not isinstance(ds, dict) or not isinstance(ds.get("zero_optimization"), dict):
+        raise ConfigValueError(f"{where} must be a JSON object with a zero_optimization section")
+    stage = ds["zero_optimization"].get("stage")
+    if stage not in SUPPORTED_ZERO_STAGES:
+        raise ConfigValueError(
+            f"{where}: zero_optimization.stage={stage!r} is not supported; allowed: {SUPPORTED_ZERO_STAGES}"
+        )
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigValueError(
+                f"{where} has a {key!r} section; the trainer builds the optimizer and LR schedule from the "
+                "optim group (remove the section)"
+            )
+    return ds
 
 
 @dataclass
@@ -233,6 +267,7 @@ __all__ = [
     "LR_SCHEDULES",
     "MIXED_PRECISIONS",
     "OPTIMIZERS",
+    "SUPPORTED_ZERO_STAGES",
     "TIMESTEP_SAMPLINGS",
     "TRACKING_MODES",
     "DeepSpeedConfig",
@@ -242,4 +277,6 @@ __all__ = [
     "OptimConfig",
     "TrackingConfig",
     "TrainerConfig",
+    "check_deepspeed_json",
+    "read_deepspeed_json",
 ]
