@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,15 @@ from mova_train.config import (
     compose_config,
     to_train_config,
     validate_config,
+)
+from mova_train.training.config import (
+    DeepSpeedConfig,
+    EvalConfig,
+    ModelConfig,
+    ObjectiveConfig,
+    OptimConfig,
+    TrackingConfig,
+    TrainerConfig,
 )
 from mova_train.training.synthetic import write_random_shards_for
 from mova_train.training.trainer import run
@@ -120,6 +130,61 @@ def test_an_impossible_value_fails_validation_naming_the_field(
     with pytest.raises(ValueError) as e:
         validate_config(to_train_config(cfg))
     assert field in str(e.value) and allowed in str(e.value)
+
+
+OWN_FIELD = [
+    (ModelConfig(), "model.checkpoint", "is not set"),
+    (ModelConfig(checkpoint="anywhere", dtype="float16"), "model.dtype", "allowed: float32, bfloat16"),
+    (ObjectiveConfig(expert="x"), "objective.expert", "alternate, ratio"),
+    (OptimConfig(lr=0.0), "optim.lr", "(0.0, inf)"),
+    (TrackingConfig(mode="maybe"), "tracking.mode", "online, offline, disabled"),
+    (TrainerConfig(save_every=0), "trainer.save_every", ">= 1"),
+    (EvalConfig(every=10), "eval.prompts", "list of prompts"),
+]
+
+
+@pytest.mark.parametrize("group,field,allowed", OWN_FIELD, ids=[f for _, f, _ in OWN_FIELD])
+def test_each_group_validates_its_own_fields_alone(group, field, allowed):
+    with pytest.raises(ConfigValueError) as e:
+        group.validate()
+    assert field in str(e.value) and allowed in str(e.value)
+    # the defaults pass without the other groups or the file system (a checkpoint folder that does not exist)
+    ok = replace(type(group)(), checkpoint="nowhere") if isinstance(group, ModelConfig) else type(group)()
+    ok.validate()
+    DeepSpeedConfig(config="nowhere.json").validate()
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"train_batch_size": 8}', "zero_optimization section"),
+        (
+            '{"zero_optimization": {"stage": 1}}',
+            "zero_optimization.stage=1 is not supported; allowed: (2, 3)",
+        ),
+        ('{"zero_optimization": {"stage": 2}, "optimizer": {}}', "has a 'optimizer' section"),
+        ('{"zero_optimization": {"stage": 3}, "scheduler": {}}', "has a 'scheduler' section"),
+    ],
+    ids=["not-json", "no-zero-section", "stage-1", "optimizer", "scheduler"],
+)
+def test_a_bad_deepspeed_json_fails_the_same_in_validation_and_at_launch(
+    tiny_checkpoint, shards, tmp_path, monkeypatch, content, message
+):
+    from mova_train.training.distributed import build_deepspeed_config
+
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    path = tmp_path / "ds.json"
+    path.write_text(content)
+    cfg = to_train_config(
+        compose_train(tiny_overrides(tiny_checkpoint, shards, tmp_path / "run", f"deepspeed.config={path}"))
+    )
+    with pytest.raises(ConfigValueError) as validated:
+        validate_config(cfg)
+    with pytest.raises(ConfigValueError) as launched:
+        build_deepspeed_config(cfg, "no")
+    assert message in str(validated.value) and "deepspeed.config" in str(validated.value)
+    assert str(launched.value) == str(validated.value)
 
 
 def test_validation_runs_before_any_process_group_or_run_dir(tiny_checkpoint, shards, tmp_path):

@@ -29,6 +29,8 @@ RULES = {
         # mova_train.config imports the data group's schema (mova_train.data.config): importing it back is a cycle
         "mova_train.config",
     ),
+    # the training groups' schemas, which mova_train.config assembles: importing it back is a cycle
+    "mova_train.training.config": ("mova_train.config",),
     "mova_train.codecs": ("mova_train.training", "mova_train.sampling", "mova_train.lora"),
     "data_tools": ("mova_train.training",),
     # the leaf modules every layer may use import nothing of the project (docs/MAP.md)

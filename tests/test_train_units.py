@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from mova_train import run_layout
-from mova_train.config import EXPERTS, ObjectiveConfig, OptimConfig, TrainConfig
+from mova_train.config import EXPERTS, TrainConfig
 from mova_train.models import EXPERTS as MODEL_EXPERTS
 from mova_train.models import FlowMatchScheduler, expert_for_timestep
 from mova_train.training import checkpoint as ckpt_io
+from mova_train.training.config import ObjectiveConfig, OptimConfig
 from mova_train.training.distributed import build_deepspeed_config
 from mova_train.training.objective import (
     ExpertChooser,

@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 
 from mova_train.bench.common import add_gpu_clip_args, check_clip_shape, check_steps, cuda_peak_gib, sync
-from mova_train.config import ObjectiveConfig, OptimConfig, compose_config
+from mova_train.config import compose_config
 from mova_train.lora import apply_lora, lora_config_from_name
 from mova_train.models import FlowMatchScheduler, build_mova, get_model_config, set_activation_checkpointing
 from mova_train.models.flops import step_flops
 from mova_train.models.tiny import write_tiny_checkpoint
 from mova_train.names import LOW_NOISE_EXPERT, SHARED_COMPONENTS
+from mova_train.training.config import ObjectiveConfig, OptimConfig
 from mova_train.training.objective import FlowMatchingObjective
 from mova_train.training.optim import build_optimizer, set_step_hyperparams
 from mova_train.training.synthetic import write_random_shards_for

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
-import json
 import logging
 import math
 import os
@@ -23,11 +22,10 @@ import torch.distributed as dist
 
 from mova_train.config import ConfigValueError, TrainConfig, resolve_path
 from mova_train.run_layout import heartbeat_file
+from mova_train.training.config import check_deepspeed_json, read_deepspeed_json
 from mova_train.upstream import set_collective_timeout
 
 logger = logging.getLogger(__name__)
-
-SUPPORTED_ZERO_STAGES = (2, 3)
 
 
 def resolve_mixed_precision(cfg: TrainConfig) -> str:
@@ -46,20 +44,14 @@ def _env_deepspeed_config() -> dict | None:
         return None
     path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
     if path and path != "none":
-        return _read_ds_json(resolve_path(path, field_name="accelerate --deepspeed_config_file"))
+        where = "accelerate --deepspeed_config_file"
+        return read_deepspeed_json(resolve_path(path, field_name=where), where=f"{where}={path!r}")
     zero: dict[str, Any] = {"stage": int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2))}
     for key, env in (("offload_optimizer", "OPTIMIZER"), ("offload_param", "PARAM")):
         device = os.environ.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{env}_DEVICE", "none")
         if device != "none":
             zero[key] = {"device": device}
     return {"zero_optimization": zero}
-
-
-def _read_ds_json(path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigValueError(f"DeepSpeed config {path} is not valid JSON ({e})") from None
 
 
 def _fill(ds: dict, dotted: str, value: Any, source: str) -> None:
@@ -83,7 +75,9 @@ def build_deepspeed_config(cfg: TrainConfig, mixed_precision: str) -> dict | Non
     every "auto" value filled from the trainer/optim settings; None when DeepSpeed is not used."""
     launcher = _env_deepspeed_config()
     if cfg.deepspeed.config is not None:
-        ds = _read_ds_json(resolve_path(cfg.deepspeed.config, field_name="deepspeed.config"))
+        path = resolve_path(cfg.deepspeed.config, field_name="deepspeed.config")
+        ds = read_deepspeed_json(path, where=f"deepspeed.config={cfg.deepspeed.config!r}")
+        where = f"deepspeed.config: {path}"
         asked = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
         if (
             launcher is not None
@@ -95,19 +89,10 @@ def build_deepspeed_config(cfg: TrainConfig, mixed_precision: str) -> dict | Non
                 asked, cfg.deepspeed.config, ds.get("zero_optimization", {}).get("stage"),
             )  # fmt: skip
     else:
-        ds = launcher
+        ds, where = launcher, "the DeepSpeed settings of accelerate launch"
     if ds is None:
         return None
-    ds = copy.deepcopy(ds)
-    zero = ds.get("zero_optimization")
-    if not isinstance(zero, dict) or zero.get("stage") not in SUPPORTED_ZERO_STAGES:
-        stage = zero.get("stage") if isinstance(zero, dict) else None
-        raise ConfigValueError(
-            f"DeepSpeed zero_optimization.stage={stage!r} is not supported; allowed: {SUPPORTED_ZERO_STAGES}"
-        )
-    for key in ("optimizer", "scheduler"):
-        if key in ds:
-            raise ConfigValueError(f"DeepSpeed config has a {key!r} section; the optim group configures it")
+    ds = copy.deepcopy(check_deepspeed_json(ds, where=where))
     _fill(ds, "train_micro_batch_size_per_gpu", cfg.data.batch_size, "data.batch_size")
     _fill(
         ds,

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from mova_train.config import EXPERTS, ObjectiveConfig
 from mova_train.models import FlowMatchScheduler, build_i2v_condition, expert_for_timestep
+from mova_train.names import EXPERTS
+from mova_train.training.config import ObjectiveConfig
 
 
 class ExpertChooser:

@@ -12,7 +12,8 @@ import math
 import torch
 from torch import nn
 
-from mova_train.config import COMPONENTS, OptimConfig
+from mova_train.names import COMPONENTS
+from mova_train.training.config import OptimConfig
 
 
 class GroupMaskedAdamW(torch.optim.AdamW):

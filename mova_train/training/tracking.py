@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from mova_train.checkpoint_io import write_bytes_atomic, write_json_atomic
-from mova_train.config import PROJECT_ROOT, TrackingConfig
+from mova_train.config import PROJECT_ROOT
 from mova_train.names import EXPERTS, HIGH_NOISE_EXPERT
 from mova_train.run_layout import (
     CODE_VERSION_FILE,
@@ -28,6 +28,7 @@ from mova_train.run_layout import (
     RUN_INFO_FILE,
     WANDB_ID_FILE,
 )
+from mova_train.training.config import TrackingConfig
 
 logger = logging.getLogger("mova_train.training")
 

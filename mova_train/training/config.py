@@ -1,0 +1,282 @@
+"""The training-side Hydra groups (`model`, `objective`, `optim`, `deepspeed`, `tracking`, `trainer`, `eval`): one
+dataclass per group, each with `validate()` checking its own fields (ConfigValueError naming the field and the
+allowed values), and the one check of a DeepSpeed JSON (`check_deepspeed_json`).
+
+Checks that need several groups or the file system (the checkpoint folder, components against the objective, the
+shards, the DeepSpeed file, a resume path) are `mova_train.config.validate_config`'s, which assembles the groups.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mova_train.errors import ConfigValueError, check_choice, check_float, check_int, fail
+from mova_train.names import COMPONENTS, EXPERTS
+
+DTYPES = ("float32", "bfloat16")
+EXPERT_MODES = ("alternate", "ratio", *(f"only:{e}" for e in EXPERTS))
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+# fp16 is not offered: MOVA is a bf16 model and fp16 would need loss scaling.
+MIXED_PRECISIONS = ("auto", "no", "bf16")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+OPTIMIZERS = ("adamw",)
+TRACKING_MODES = ("online", "offline", "disabled")
+SUPPORTED_ZERO_STAGES = (2, 3)
+
+
+@dataclass
+class ModelConfig:
+    """Hydra group `model`: the base checkpoint and how to hold it."""
+
+    checkpoint: str = "???"  # MOVA checkpoint folder (model_index.json, video_dit/, ...)
+    dtype: str = "bfloat16"  # dtype of the frozen base weights: float32 | bfloat16
+    components: list[str] | None = None  # components to load; None = what the objective needs
+    activation_checkpointing: bool = False  # recompute tower blocks and bridge layers in backward
+
+    def validate(self) -> None:
+        """Its own fields; whether the folder is a checkpoint and the components cover the objective are
+        validate_config's."""
+        if not isinstance(self.checkpoint, str) or self.checkpoint in ("", "???"):
+            raise ConfigValueError(
+                "model.checkpoint is not set: pass model.checkpoint=DIR (a MOVA checkpoint folder)"
+            )
+        check_choice("model.dtype", self.dtype, DTYPES)
+        if not isinstance(self.activation_checkpointing, bool):
+            fail("model.activation_checkpointing", self.activation_checkpointing, "expected true or false")
+        if self.components is not None:
+            for c in self.components:
+                check_choice("model.components", c, COMPONENTS)
+
+
+@dataclass
+class ObjectiveConfig:
+    """Flow-matching objective (spec §7, §12, §16): which expert trains on which noise levels."""
+
+    # alternate: micro-step parity (even -> video_dit, the reference recipe); ratio: video_dit with probability
+    # high_noise_ratio; only:<expert>: that expert every step.
+    expert: str = "alternate"
+    high_noise_ratio: float = 0.5
+    # Timesteps are entries of the 1000-entry shifted table inside the expert's range; uniform over those
+    # entries (the reference), or logit-normal over the position within the range.
+    timestep_sampling: str = "uniform"
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = 1.0
+    loss_weight_video: float = 1.0
+    loss_weight_audio: float = 1.0
+    # Audio timesteps drawn independently (uniform/logit-normal over the whole table) instead of equal to video's.
+    independent_audio_timestep: bool = False
+    video_fps: float | None = None  # None: from the samples' metadata (fps), else this value
+
+    def validate(self) -> None:
+        check_choice("objective.expert", self.expert, EXPERT_MODES)
+        check_float("objective.high_noise_ratio", self.high_noise_ratio, 0.0, 1.0)
+        check_choice("objective.timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLINGS)
+        check_float("objective.logit_normal_mean", self.logit_normal_mean, -math.inf)
+        check_float("objective.logit_normal_std", self.logit_normal_std, 0.0, open_low=True)
+        check_float("objective.loss_weight_video", self.loss_weight_video, 0.0)
+        check_float("objective.loss_weight_audio", self.loss_weight_audio, 0.0)
+        if self.loss_weight_video == 0 and self.loss_weight_audio == 0:
+            raise ConfigValueError(
+                "objective.loss_weight_video and objective.loss_weight_audio are both 0: nothing to train"
+            )
+        if self.video_fps is not None:
+            check_float("objective.video_fps", self.video_fps, 0.0, open_low=True)
+
+
+@dataclass
+class OptimConfig:
+    """Hydra group `optim`: optimizer over the trainable (LoRA) parameters and the LR schedule."""
+
+    name: str = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    lr_scale: dict[str, float] = field(default_factory=dict)  # component -> LR multiplier (e.g. bridge 2.0)
+    schedule: str = "cosine"  # constant | linear | cosine (after warmup)
+    warmup_steps: int = 500
+    min_lr_ratio: float = 0.0  # final LR of linear/cosine as a fraction of lr
+    max_grad_norm: float = 1.0  # gradient clipping; 0 disables
+
+    def validate(self) -> None:
+        check_choice("optim.name", self.name, OPTIMIZERS)
+        check_float("optim.lr", self.lr, 0.0, open_low=True)
+        check_float("optim.weight_decay", self.weight_decay, 0.0)
+        betas = list(self.betas)
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
+            fail("optim.betas", betas, "expected two numbers in [0, 1)")
+        check_float("optim.eps", self.eps, 0.0, open_low=True)
+        for comp, scale in dict(self.lr_scale).items():
+            check_choice("optim.lr_scale key", comp, COMPONENTS)
+            check_float(f"optim.lr_scale.{comp}", scale, 0.0)
+        check_choice("optim.schedule", self.schedule, LR_SCHEDULES)
+        check_int("optim.warmup_steps", self.warmup_steps, 0)
+        check_float("optim.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        check_float("optim.max_grad_norm", self.max_grad_norm, 0.0)
+
+
+@dataclass
+class DeepSpeedConfig:
+    """Hydra group `deepspeed`: a DeepSpeed JSON (launch/deepspeed/*.json) or null for plain accelerate."""
+
+    # Path to the JSON, absolute or relative to the working directory or the project root. "auto" values are
+    # filled from trainer/optim settings. null: no DeepSpeed, unless `accelerate launch --use_deepspeed` asks.
+    config: str | None = None
+
+    def validate(self) -> None:
+        """Nothing to check without the file system: validate_config reads the JSON and checks it with
+        check_deepspeed_json (as build_deepspeed_config does when the run starts)."""
+
+
+def read_deepspeed_json(path: Path, *, where: str) -> Any:
+    """The parsed JSON at `path` (not yet checked: see check_deepspeed_json); `where` names the setting that
+    gave the path (`deepspeed.config='...'`, the accelerate flag)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigValueError(f"{where}: {path} is not valid JSON ({e})") from None
+
+
+def check_deepspeed_json(ds: Any, *, where: str) -> dict:
+    """`ds` (a parsed DeepSpeed config) if the trainer can use it: a zero_optimization section with a supported
+    stage, and no optimizer or scheduler section (the optim group builds both). `where` names its source in
+    the ConfigValueError."""
+    if not isinstance(ds, dict) or not isinstance(ds.get("zero_optimization"), dict):
+        raise ConfigValueError(f"{where} must be a JSON object with a zero_optimization section")
+    stage = ds["zero_optimization"].get("stage")
+    if stage not in SUPPORTED_ZERO_STAGES:
+        raise ConfigValueError(
+            f"{where}: zero_optimization.stage={stage!r} is not supported; allowed: {SUPPORTED_ZERO_STAGES}"
+        )
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigValueError(
+                f"{where} has a {key!r} section; the trainer builds the optimizer and LR schedule from the "
+                "optim group (remove the section)"
+            )
+    return ds
+
+
+@dataclass
+class TrackingConfig:
+    """Hydra group `tracking`: Weights & Biases and the console."""
+
+    mode: str = "online"  # online | offline (no network; sync later with `wandb sync`) | disabled
+    project: str = "mova-train"
+    entity: str | None = None
+    name: str | None = None  # W&B run name; None = the experiment name
+    tags: list[str] = field(default_factory=list)
+    progress_bar: bool = True
+
+    def validate(self) -> None:
+        check_choice("tracking.mode", self.mode, TRACKING_MODES)
+        if not isinstance(self.project, str) or not self.project:
+            fail("tracking.project", self.project, "expected a W&B project name")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation during training, every `every` steps (0: off): renders of fixed prompts (mp4 + A/V sync figure)
+    and the flow-matching loss on held-out shards at fixed timesteps and noise."""
+
+    every: int = 0
+    prompts: list[str] = field(default_factory=list)
+    heldout_shards: str | None = None  # shards set aside (same contract as data.shards)
+    heldout_batches: int = 8
+    negative_prompt: str | None = None
+    num_frames: int = 193
+    height: int = 352
+    width: int = 640
+    steps: int = 50
+    cfg_scale: float = 5.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Its own fields; whether eval.heldout_shards exist is validate_config's."""
+        check_int("eval.every", self.every, 0)
+        if self.every > 0:
+            if not self.prompts and not self.heldout_shards:
+                raise ConfigValueError(
+                    "eval.every > 0 needs eval.prompts (a list of prompts to render) and/or eval.heldout_shards"
+                )
+            check_int("eval.heldout_batches", self.heldout_batches, 1)
+            if (self.num_frames - 1) % 4:
+                fail("eval.num_frames", self.num_frames, "expected 4k+1 frames (e.g. 193)")
+            for name in ("height", "width"):
+                v = getattr(self, name)
+                if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % 16:
+                    fail(f"eval.{name}", v, "expected a positive multiple of 16")
+            check_int("eval.steps", self.steps, 1)
+
+
+@dataclass
+class TrainerConfig:
+    """The loop: length, checkpoints, resume, precision, guards."""
+
+    run_dir: str = "runs/${name}"  # deterministic, so rerunning the same command resumes
+    max_steps: int = 1000  # optimizer steps of the whole run (the LR schedule spans them)
+    max_steps_per_run: int | None = None  # stop (save, exit 0) after this many steps in one invocation
+    seed: int = 0
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "auto"  # auto (bf16 on GPU, no on CPU) | no | bf16
+    save_every: int = 500
+    keep_last: int = 3  # complete checkpoints kept; 0 keeps all
+    resume: str = "auto"  # auto (latest complete checkpoint of run_dir) | never | PATH to a checkpoint folder
+    max_consecutive_skips: int = 10  # abort after this many non-finite steps in a row
+    verify_frozen_base: bool = False  # hash the frozen base weights at start and end and refuse a change
+    num_threads: int | None = None  # torch CPU threads per process (None: torch's default)
+    lock_stale_after_s: float = (
+        120.0  # a run-dir lock whose heartbeat is older is taken over (another host's)
+    )
+    collective_timeout_min: float = (
+        30.0  # a peer that does not answer a collective for this long ends the run
+    )
+
+    def validate(self) -> None:
+        """Its own fields; whether a trainer.resume path exists is validate_config's."""
+        check_int("trainer.max_steps", self.max_steps, 1)
+        if self.max_steps_per_run is not None:
+            check_int(
+                "trainer.max_steps_per_run", self.max_steps_per_run, 1, "expected an integer >= 1 or null"
+            )
+        check_int("trainer.seed", self.seed, 0)
+        check_int("trainer.gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
+        check_choice("trainer.mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
+        check_int("trainer.save_every", self.save_every, 1)
+        check_int(
+            "trainer.keep_last", self.keep_last, 0, "expected an integer >= 0 (0 keeps every checkpoint)"
+        )
+        if not isinstance(self.resume, str) or not self.resume:
+            fail("trainer.resume", self.resume, "allowed: auto, never, or a checkpoint folder")
+        check_int("trainer.max_consecutive_skips", self.max_consecutive_skips, 1)
+        check_float("trainer.lock_stale_after_s", self.lock_stale_after_s, 0.0, open_low=True)
+        check_float("trainer.collective_timeout_min", self.collective_timeout_min, 0.0, open_low=True)
+        if not isinstance(self.run_dir, str) or not self.run_dir:
+            fail("trainer.run_dir", self.run_dir, "expected a folder path")
+        if self.num_threads is not None:
+            check_int("trainer.num_threads", self.num_threads, 1, "expected an integer >= 1 or null")
+
+
+__all__ = [
+    "DTYPES",
+    "EXPERT_MODES",
+    "LR_SCHEDULES",
+    "MIXED_PRECISIONS",
+    "OPTIMIZERS",
+    "SUPPORTED_ZERO_STAGES",
+    "TIMESTEP_SAMPLINGS",
+    "TRACKING_MODES",
+    "DeepSpeedConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "OptimConfig",
+    "TrackingConfig",
+    "TrainerConfig",
+    "check_deepspeed_json",
+    "read_deepspeed_json",
+]
