@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mova_train import run_layout
 from mova_train.checkpoint_io import read_safetensors_header
 from mova_train.lora import (
     LoraConfig,
@@ -91,9 +92,10 @@ def test_merged_adapter_pipeline_matches_the_live_peft_model(tiny_checkpoint, ad
 
 
 def test_training_checkpoint_folder_is_accepted(tiny_checkpoint, adapter_dir, tmp_path, codecs):
-    step = tmp_path / "run" / "checkpoints" / "step-000007"
+    step = run_layout.checkpoints_dir(tmp_path / "run") / run_layout.checkpoint_name(7)
     step.mkdir(parents=True)
     (step / "adapter").symlink_to(adapter_dir, target_is_directory=True)
+    (step / run_layout.STATE_FILE).write_text('{"version": 1, "step": 7}')  # what marks a checkpoint complete
     for path in (step, tmp_path / "run"):
         pipeline = load_pipeline(tiny_checkpoint, loras=[f"{path}:0.7"], codecs=codecs)
         assert pipeline.adapters[0].path == str(step / "adapter") and pipeline.adapters[0].scale == 0.7
