@@ -213,6 +213,10 @@ def select_frames(times_rel: np.ndarray, wanted: np.ndarray, source_fps: float) 
 # Source frames held at once while decoding: a 1080p clip decodes in chunks of 10 frames, an 8K one frame by frame,
 # so the memory of one clip no longer grows with the source resolution times the clip length.
 CHUNK_BYTES = 64 << 20
+# Sources above 4K UHD decode with PyAV, frame by frame in order: decord decodes ahead in a thread of its own and
+# holds the frames it made while the consumer resizes (2.7 GB for 17 frames of 8K), PyAV holds one. For smaller
+# sources decord's seeking is faster and its buffers small.
+PYAV_ABOVE_PIXELS = 3840 * 2160
 
 
 def frames_per_chunk(height: int, width: int, bytes_per_value: int = 1) -> int:
@@ -249,7 +253,9 @@ def _chunks_pyav(path: str, indices: np.ndarray, height: int, width: int) -> Ite
     step, wanted, pending = frames_per_chunk(height, width), [int(i) for i in indices], []
     position = 0
     with av.open(path) as container:
-        for index, frame in enumerate(container.decode(container.streams.video[0])):
+        stream = container.streams.video[0]
+        stream.thread_type = "NONE"  # no decoder threads holding frames ahead of use
+        for index, frame in enumerate(container.decode(stream)):
             if position < len(wanted) and index == wanted[position]:
                 picture = frame.to_ndarray(format="rgb24")
                 while position < len(wanted) and wanted[position] == index:  # a frame shown twice
@@ -278,6 +284,9 @@ def iter_frames(
 
     indices = np.asarray(indices)
     try:
+        if height * width > PYAV_ABOVE_PIXELS:
+            yield from _chunks_pyav(str(path), indices, height, width)
+            return
         started = False
         try:
             for chunk in _chunks_decord(str(path), indices, height, width):
