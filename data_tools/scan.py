@@ -9,6 +9,7 @@ loaded with `datasets`). Files that cannot be used are kept in the table with st
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import tempfile
@@ -40,11 +41,26 @@ class SkipSource(Exception):
 
 
 def find_media(input_dir: Path) -> list[Path]:
+    """Video files under `input_dir`, and video-named links that lead nowhere (a loop, a missing target): those
+    are reported by scan as skipped with the reason instead of vanishing from the report."""
     return sorted(
         p
         for p in input_dir.rglob("*")
-        if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS and not p.name.startswith(".")
+        if (p.is_file() or (p.is_symlink() and not p.exists()))
+        and p.suffix.lower() in VIDEO_EXTENSIONS
+        and not p.name.startswith(".")
     )
+
+
+def _dangling_link_reason(path: Path) -> str:
+    target = os.readlink(path)
+    try:
+        path.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"symbolic link loop ({path.name} -> {target} leads back to itself)"
+        return f"symbolic link to a missing file ({path.name} -> {target})"
+    return f"symbolic link that cannot be followed ({path.name} -> {target})"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -262,6 +278,16 @@ def scan_file(
     path: Path, input_dir: Path, tables: dict, *, allow_vfr: bool, default_caption: str | None
 ) -> dict:
     rel = path.relative_to(input_dir).as_posix()
+    if path.is_symlink() and not path.exists():
+        reason = _dangling_link_reason(path)
+        return {
+            "path": str(path),
+            "relpath": rel,
+            "size_bytes": 0,
+            "notes": [],
+            "status": "skipped",
+            "reason": reason,
+        }
     row: dict = {"path": str(path.resolve()), "relpath": rel, "size_bytes": path.stat().st_size, "notes": []}
     try:
         row.update(probe_streams(path))

@@ -24,6 +24,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from data_tools.scan import scan
+from data_tools.synth import synthesize
 from mova_train import run_layout
 from mova_train.codecs import codec_identity
 from mova_train.config import PROJECT_ROOT, to_train_config, validate_config
@@ -43,6 +45,7 @@ from tests.train_utils import (
     compose_train,
     launch_cmd,
     launch_env,
+    launch_until_steps,
     read_metrics,
     reset_accelerate,
     subprocess_timeout,
@@ -194,15 +197,7 @@ def test_ctrl_c_on_the_launcher_saves_a_checkpoint(tiny_checkpoint, shards, tmp_
         tiny_checkpoint, shards, run_dir, "deepspeed=zero2", "trainer.max_steps=100000", "trainer.save_every=100000",
         "tracking.mode=disabled",
     )  # fmt: skip
-    proc = subprocess.Popen(
-        cmd, cwd=PROJECT_ROOT, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    metrics, deadline = run_dir / "metrics.jsonl", time.time() + subprocess_timeout(300)
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.02)
+    proc, _ = launch_until_steps(cmd, run_dir, new_session=True)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does: the whole process group
     proc.communicate(timeout=subprocess_timeout(300))
     steps = [s for s, _ in run_layout.list_checkpoints(run_dir)]
@@ -218,17 +213,7 @@ def test_a_stalled_peer_ends_the_run_naming_it(tiny_checkpoint, shards, tmp_path
         tiny_checkpoint, shards, run_dir, "deepspeed=zero2", "trainer.max_steps=100000", "trainer.save_every=100000",
         "tracking.mode=disabled", "trainer.collective_timeout_min=0.2",
     )  # fmt: skip
-    proc = subprocess.Popen(
-        cmd, cwd=PROJECT_ROOT, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    metrics, log1 = run_dir / "metrics.jsonl", run_dir / "logs" / "rank1.log"
-    deadline = time.time() + subprocess_timeout(300)
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2 and log1.is_file():
-            break
-        time.sleep(0.02)
-    pid = int(re.search(r"rank 1/2 pid (\d+)", log1.read_text()).group(1))
+    proc, pid = launch_until_steps(cmd, run_dir, new_session=True)
     os.kill(pid, signal.SIGSTOP)
     stalled_at = time.time()
     try:
@@ -505,3 +490,15 @@ def test_two_ranks_then_one_then_two_continue_the_epoch_and_the_optimizer_exactl
         for line in run_layout.samples_file(run_dir, rank).read_text().splitlines():
             keys += json.loads(line)["keys"]
     assert sorted(keys) == sorted(f"clip{i:05d}" for i in range(12))  # each sample of the epoch exactly once
+
+
+# ------------------------------------------------------------------------------------------ data_tools: links
+def test_symlink_loops_and_dangling_links_are_reported_as_skipped(tmp_path):
+    raw = tmp_path / "raw"
+    synthesize(raw, num_clips=1, seconds=1.0)
+    (raw / "loop.mp4").symlink_to("loop.mp4")  # points at itself
+    (raw / "gone.mp4").symlink_to(tmp_path / "deleted.mp4")
+    rows = {r["relpath"]: r for r in scan(raw)}
+    assert rows["loop.mp4"]["status"] == "skipped" and "symbolic link loop" in rows["loop.mp4"]["reason"]
+    assert rows["gone.mp4"]["status"] == "skipped" and "missing file" in rows["gone.mp4"]["reason"]
+    assert sum(r["status"] == "ok" for r in rows.values()) == 1

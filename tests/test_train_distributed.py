@@ -11,18 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import signal
 import struct
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from mova_train.config import PROJECT_ROOT
 from mova_train.lora import load_adapters
 from mova_train.models import expert_for_timestep
 from mova_train.models.checkpoint import load_mova, read_mova_config
@@ -33,7 +29,7 @@ from tests.train_utils import (
     REFERENCE_NUMERICS_ENV,
     launch,
     launch_cmd,
-    launch_env,
+    launch_until_steps,
     lock_sha256,
     read_metrics,
     subprocess_timeout,
@@ -75,16 +71,7 @@ def sigterm_run(tiny_checkpoint, shards, tmp_path_factory):
         "trainer.save_every=100",
         "tracking.mode=disabled",
     )
-    proc = subprocess.Popen(
-        cmd, cwd=PROJECT_ROOT, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    metrics, log1 = run_dir / "metrics.jsonl", run_dir / "logs" / "rank1.log"
-    deadline = time.time() + subprocess_timeout(300)
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2 and log1.is_file():
-            break
-        time.sleep(0.02)
-    pid = int(re.search(r"rank 1/2 pid (\d+)", log1.read_text()).group(1))
+    proc, pid = launch_until_steps(cmd, run_dir)
     os.kill(pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=subprocess_timeout(300))
     first_rc = proc.returncode

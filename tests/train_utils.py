@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from mova_train.config import PROJECT_ROOT, compose_config
@@ -94,3 +96,21 @@ def launch(cmd: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
     )
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
+
+
+def launch_until_steps(
+    cmd: list[str], run_dir: Path, *, steps: int = 2, new_session: bool = False
+) -> tuple[subprocess.Popen, int]:
+    """Start a 2-rank launch and wait until it logged `steps` optimizer steps; (the launcher, rank 1's pid).
+    `new_session`: the launcher leads its own process group (for a Ctrl-C to the whole group)."""
+    proc = subprocess.Popen(
+        cmd, cwd=PROJECT_ROOT, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=new_session,
+    )  # fmt: skip
+    metrics, log1 = Path(run_dir) / "metrics.jsonl", Path(run_dir) / "logs" / "rank1.log"
+    deadline = time.time() + subprocess_timeout(300)
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= steps and log1.is_file():
+            break
+        time.sleep(0.02)
+    return proc, int(re.search(r"rank 1/2 pid (\d+)", log1.read_text()).group(1))

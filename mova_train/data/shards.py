@@ -3,6 +3,7 @@ to shard URLs in canonical order with their sample counts, and the fingerprint a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -32,7 +33,7 @@ class ShardSet:
     def names(self) -> tuple[str, ...]:
         return tuple(u.rstrip("/").rsplit("/", 1)[-1] for u in self.urls)
 
-    @property
+    @functools.cached_property
     def checksums(self) -> tuple[str | None, ...]:
         """Each shard's sha256 from the manifest (None where no manifest lists it)."""
         by_name = {s.name: s.sha256 for s in self.manifest.shards} if self.manifest is not None else {}
@@ -88,6 +89,12 @@ def _key(url: str) -> tuple[str, int, int] | None:
     except OSError:
         return None
     return (url, st.st_size, st.st_mtime_ns)
+
+
+def forget_verified() -> None:
+    """Drop this process's record of verified and quarantined shards (the next read hashes them again)."""
+    _VERIFIED.clear()
+    _QUARANTINED.clear()
 
 
 def verify_shard_ahead(url: str, sha256: str | None) -> None:
