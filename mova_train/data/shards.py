@@ -53,7 +53,12 @@ _QUARANTINED: dict[tuple[str, int, int], str] = {}
 
 
 def _hash_check(url: str, key: tuple[str, int, int], sha256: str) -> None:
-    if sha256_file(url) == sha256:
+    try:
+        digest = sha256_file(url)
+    except OSError as e:  # removed or unreadable since it was listed: the same handling as a corrupt shard
+        _QUARANTINED[key] = f"shard {url}: cannot be read to check its sha256 ({e})"
+        return
+    if digest == sha256:
         _VERIFIED.add(key)
     else:
         _QUARANTINED[key] = (

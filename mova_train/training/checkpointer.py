@@ -9,6 +9,7 @@ the DeepSpeed engine's files under DeepSpeed), each rank's RNG streams and data 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -50,9 +51,12 @@ class CheckpointWriteError(RuntimeError):
 
 
 def _tree_bytes(path: Path | None) -> int:
-    if path is None or not path.exists():
-        return 0
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    """Bytes of the files under `path`; files removed meanwhile (rank 0 clears a failed save) count as 0."""
+    total = 0
+    for p in path.rglob("*") if path is not None and path.exists() else ():
+        with contextlib.suppress(OSError):
+            total += p.stat().st_size if p.is_file() else 0
+    return total
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -177,10 +181,12 @@ class Checkpointer:
         barrier()
 
     def release(self) -> None:
-        """Give the run dir back (main process; a no-op elsewhere)."""
+        """Give the run dir back (main process; a no-op elsewhere). Idempotent."""
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+
+    close = release
 
     def fingerprint(self, *, components: tuple[str, ...], mixed_precision: str) -> dict:
         """What a checkpoint must share with this run to be resumed (differences are named on refusal)."""

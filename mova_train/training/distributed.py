@@ -254,6 +254,8 @@ class PeerHeartbeat:
     def stop(self) -> None:
         self._stop.set()
 
+    close = stop
+
     def quiet_ranks(self) -> list[tuple[int, float]]:
         """(rank, seconds since its last beat) of every rank quiet for more than three intervals."""
         now, quiet = time.time(), []

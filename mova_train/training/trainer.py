@@ -80,7 +80,7 @@ class Trainer:
         self.cfg = cfg
         self.counters = Counters()
         self.stop = StopFlag()
-        self.tracker = self.metrics = self.progress = self.loader = None
+        self.tracker = self.metrics = self.progress = self.loader = self.heartbeat = self.checkpointer = None
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -395,5 +395,6 @@ def run(cfg: Any) -> RunResult:
         raise
     finally:
         trainer.stop.restore()
-        if getattr(trainer, "checkpointer", None) is not None:
-            trainer.checkpointer.release()
+        for part in (trainer.heartbeat, trainer.checkpointer):  # also when setup failed half-way
+            if part is not None:
+                part.close()
