@@ -86,6 +86,37 @@ _TORCH_TO_SAFETENSORS = {
 }
 
 
+def _safetensors_header(
+    specs: Iterable[tuple[str, str, list[int], int]], metadata: dict[str, str] | None
+) -> bytes:
+    """The 8-byte length + JSON header (padded with spaces to 8 bytes) for tensors given as (name, safetensors
+    dtype, shape, byte size) in file order, and `metadata` (sorted keys)."""
+    header: dict[str, object] = {}
+    if metadata:
+        for k, v in metadata.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise ValueError(f"safetensors metadata must map str to str; got {k!r}: {type(v).__name__}")
+        header["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
+    offset = 0
+    for name, dtype, shape, nbytes in specs:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-(8 + len(text)) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def _tensor_bytes(name: str, t: torch.Tensor) -> bytes:
+    if t.dtype not in _TORCH_TO_SAFETENSORS:
+        raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which safetensors files do not hold")
+    if t.device.type == "meta":
+        raise ValueError(f"tensor {name!r} is on the meta device and has no data to write")
+    return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+SAFETENSORS_TO_TORCH = {v: k for k, v in _TORCH_TO_SAFETENSORS.items()}
+
+
 def encode_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
     """Safetensors bytes of `tensors` (sorted by name) and `metadata` (sorted keys): same input, same bytes.
 
@@ -93,31 +124,69 @@ def encode_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     process; checkpoints and exports must be byte-identical, so we write the (small, documented) format ourselves:
     u64 little-endian header length, the JSON header padded with spaces to 8 bytes, then the tensor data.
     """
-    header: dict[str, object] = {}
-    if metadata:
-        for k, v in metadata.items():
-            if not isinstance(k, str) or not isinstance(v, str):
-                raise ValueError(f"safetensors metadata must map str to str; got {k!r}: {type(v).__name__}")
-        header["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
-    chunks: list[bytes] = []
-    offset = 0
-    for name in sorted(tensors):
-        t = tensors[name]
-        if t.dtype not in _TORCH_TO_SAFETENSORS:
-            raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which safetensors files do not hold")
-        if t.device.type == "meta":
-            raise ValueError(f"tensor {name!r} is on the meta device and has no data to write")
-        data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = {
-            "dtype": _TORCH_TO_SAFETENSORS[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + len(data)],
-        }
-        chunks.append(data)
-        offset += len(data)
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    text += b" " * (-(8 + len(text)) % 8)
-    return struct.pack("<Q", len(text)) + text + b"".join(chunks)
+    chunks = [_tensor_bytes(name, tensors[name]) for name in sorted(tensors)]
+    specs = [
+        (name, _TORCH_TO_SAFETENSORS[tensors[name].dtype], list(tensors[name].shape), len(data))
+        for name, data in zip(sorted(tensors), chunks)
+    ]
+    return _safetensors_header(specs, metadata) + b"".join(chunks)
+
+
+def write_safetensors_streaming(
+    path: str | os.PathLike,
+    specs: dict[str, tuple[torch.dtype, list[int]]],
+    tensor_for: Callable[[str], torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write the same bytes as `encode_safetensors` without holding the tensors: `specs` gives each tensor's dtype
+    and shape up front, `tensor_for(name)` produces one tensor at a time (sorted by name), which is written and
+    dropped. Atomic like `write_bytes_atomic`: a temp file in the same folder, fsync, rename."""
+    names = sorted(specs)
+    for name in names:
+        if specs[name][0] not in _TORCH_TO_SAFETENSORS:
+            raise ValueError(
+                f"tensor {name!r} has dtype {specs[name][0]}, which safetensors files do not hold"
+            )
+    header = _safetensors_header(
+        [
+            (n, _TORCH_TO_SAFETENSORS[specs[n][0]], list(specs[n][1]), _nbytes(specs[n][0], specs[n][1]))
+            for n in names
+        ],
+        metadata,
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, _default_mode())
+        with os.fdopen(fd, "wb") as f:
+            f.write(header)
+            for name in names:
+                t = tensor_for(name)
+                dtype, shape = specs[name]
+                if t.dtype != dtype or list(t.shape) != list(shape):
+                    raise ValueError(
+                        f"tensor {name!r} came out {t.dtype} {list(t.shape)}, announced {dtype} {list(shape)}"
+                    )
+                if t.device.type == "meta":
+                    raise ValueError(f"tensor {name!r} is on the meta device and has no data to write")
+                f.write(
+                    t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data
+                )  # no copy
+                del t
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _nbytes(dtype: torch.dtype, shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n * torch.empty((), dtype=dtype).element_size()
 
 
 def write_safetensors(

@@ -1,4 +1,6 @@
-"""`python -m mova_train.cli.export`: peft / mova / comfyui / merged reproduce the trained model; determinism; errors."""
+"""`python -m mova_train.cli.export`: every format reproduces the trained model, with the project's own loader and as
+each tool's loader applies it (official MOVA, DiffSynth, ComfyUI, PEFT); no file's keys land on another component;
+determinism; errors."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from mova_train.checkpoint_io import read_component_header
 from mova_train.cli.export import main as export_main
 from mova_train.lora import (
     LoraConfig,
+    LoraError,
     apply_adapters,
     apply_lora,
     base_identity,
@@ -26,6 +29,7 @@ from mova_train.lora import (
     save_adapters,
 )
 from mova_train.lora.export import ExportError, export_adapter
+from mova_train.lora.formats import read_any_adapter
 from mova_train.models.checkpoint import load_mova
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +39,7 @@ CFG = LoraConfig(
     alpha=ALPHA,
     targets={
         "video_dit": ["self_attn"],
-        "video_dit_2": ["text_cross_attn", "ffn"],
+        "video_dit_2": ["text_cross_attn", "self_attn"],
         "audio_dit": ["self_attn"],
         "dual_tower_bridge": ["bridge_a2v", "bridge_v2a"],
     },
@@ -43,11 +47,12 @@ CFG = LoraConfig(
 # The Linear layers each component's presets must hit, from the spec's key names (ARCHITECTURE.md §3.1, §5.2).
 EXPECTED = {
     "video_dit": r"blocks\.\d+\.self_attn\.[qkvo]",
-    "video_dit_2": r"blocks\.\d+\.(cross_attn\.[qkvo]|ffn\.[02])",
+    "video_dit_2": r"blocks\.\d+\.(cross_attn|self_attn)\.[qkvo]",
     "audio_dit": r"blocks\.\d+\.self_attn\.[qkvo]",
     "dual_tower_bridge": r"(audio_to_video|video_to_audio)_conditioners\.\d+\.inner\.[qkvo]",
 }
-FORMATS = ("peft", "mova", "comfyui", "merged")
+FORMATS = ("peft", "mova", "mova-official", "diffsynth", "comfyui", "merged")
+ADAPTER_FORMATS = FORMATS[:-1]
 
 
 def inputs_for(model, expert, seed=0):
@@ -68,8 +73,9 @@ def outputs(model):
         return [t for expert in ("video_dit", "video_dit_2") for t in model(**inputs_for(model, expert))]
 
 
-def write_run(run_dir: Path, model, identity: str, *, step: int) -> Path:
-    meta = {"step": str(step), "base_identity": identity, "training_config": "name: export_test\nlora: {}\n"}
+def write_run(run_dir: Path, model, identity: str, *, step: int, base: Path) -> Path:
+    config = f"name: export_test\nmodel:\n  checkpoint: {base.resolve()}\nlora: {{}}\n"
+    meta = {"step": str(step), "base_identity": identity, "training_config": config}
     ckpt = run_dir / "checkpoints" / f"step-{step:08d}"
     save_adapters(ckpt / "adapter", model, CFG, metadata=meta)
     (ckpt / "trainer_state.json").write_text(json.dumps({"step": step}))
@@ -85,14 +91,19 @@ def setup(tiny_checkpoint, tmp_path_factory):
     apply_lora(model, CFG)
     run_dir = tmp / "run"
     randomize_lora(model, seed=1)
-    write_run(run_dir, model, identity, step=3)  # an older checkpoint: must not be picked
+    write_run(
+        run_dir, model, identity, step=3, base=tiny_checkpoint
+    )  # an older checkpoint: must not be picked
     randomize_lora(model, seed=2)
-    write_run(run_dir, model, identity, step=7)
+    write_run(run_dir, model, identity, step=7, base=tiny_checkpoint)
     (run_dir / "checkpoints" / ".tmp-step-00000009").mkdir()  # in progress: ignored
-    (run_dir / "config.yaml").write_text("name: export_test\n")
+    # the run records its base by absolute path: merged finds it there, and no exported file carries the path
+    (run_dir / "config.yaml").write_text(
+        f"name: export_test\nmodel:\n  checkpoint: {tiny_checkpoint.resolve()}\n"
+    )
     exports = {fmt: tmp / "out" / fmt for fmt in FORMATS}
     for fmt, out in exports.items():
-        export_adapter(run_dir, out, fmt, checkpoint=tiny_checkpoint if fmt == "merged" else None)
+        export_adapter(run_dir, out, fmt)
     return dict(
         ckpt=tiny_checkpoint,
         identity=identity,
@@ -162,28 +173,184 @@ def test_peft_export_loads_with_peft_bit_exactly(setup):
     assert all(torch.equal(a, b) for a, b in zip(outputs(model), setup["trained_out"]))
 
 
-def test_comfyui_export_applies_like_comfyui(setup):
-    folder = setup["exports"]["comfyui"]
-    assert sorted(p.name for p in folder.iterdir()) == sorted(f"{c}.safetensors" for c in CFG.targets)
-    # ComfyUI: W + strength * (alpha / rank) * up @ down, with up = lora_B, down = lora_A, keyed by module path.
+def _merged_reference(setup):
+    """The trained model with its adapters merged in (W + alpha/rank * B@A), per component parameter dict."""
     reference = load_mova(setup["ckpt"])
     apply_adapters(reference, setup["exports"]["mova"])
     merge_lora(reference)
-    for component in CFG.targets:
-        from safetensors.torch import load_file
+    return {c: dict(getattr(reference, c).named_parameters()) for c in CFG.targets}
 
+
+def _base_params(setup, component):
+    return dict(getattr(load_mova(setup["ckpt"], components=(component,)), component).named_parameters())
+
+
+def test_comfyui_export_applies_like_comfyui(setup):
+    from safetensors.torch import load_file
+
+    folder = setup["exports"]["comfyui"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(f"{c}.safetensors" for c in CFG.targets)
+    # ComfyUI: W + strength * (alpha / rank) * up @ down, with up = lora_B, down = lora_A, keyed by module path.
+    merged = _merged_reference(setup)
+    for component in CFG.targets:
         tensors = load_file(str(folder / f"{component}.safetensors"))
-        base = dict(getattr(load_mova(setup["ckpt"], components=(component,)), component).named_parameters())
-        merged = dict(getattr(reference, component).named_parameters())
-        modules = {k[len("diffusion_model.") : -len(".alpha")] for k in tensors if k.endswith(".alpha")}
-        assert all(k.startswith("diffusion_model.") for k in tensors)
+        prefix = "diffusion_model." if component.startswith("video_dit") else f"{component}."
+        assert all(k.startswith(prefix) for k in tensors), component
+        base = _base_params(setup, component)
+        modules = {k[len(prefix) : -len(".alpha")] for k in tensors if k.endswith(".alpha")}
         assert len(tensors) == 3 * len(modules)
         for path in modules:
-            down = tensors[f"diffusion_model.{path}.lora_A.weight"]
-            up = tensors[f"diffusion_model.{path}.lora_B.weight"]
-            alpha = tensors[f"diffusion_model.{path}.alpha"].item()
+            down = tensors[f"{prefix}{path}.lora_A.weight"]
+            up = tensors[f"{prefix}{path}.lora_B.weight"]
+            alpha = tensors[f"{prefix}{path}.alpha"].item()
             w = base[f"{path}.weight"] + (alpha / down.shape[0]) * (up @ down)
-            torch.testing.assert_close(w, merged[f"{path}.weight"], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(w, merged[component][f"{path}.weight"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ADAPTER_FORMATS)
+def test_every_format_reloads_with_our_loader_to_identical_outputs(setup, fmt):
+    """rank 4 / alpha 8: a loader that dropped alpha, or applied it twice, would give other outputs."""
+    adapter = read_any_adapter(setup["exports"][fmt])
+    model = load_mova(setup["ckpt"])
+    apply_adapters(
+        model, (adapter.state, adapter.cfg, adapter.metadata), expected_base_identity=setup["identity"]
+    )
+    assert all(torch.equal(a, b) for a, b in zip(outputs(model), setup["trained_out"])), fmt
+    assert adapter.metadata["step"] == "7"
+
+
+def test_mova_official_export_is_what_the_official_loader_reads(setup):
+    folder = setup["exports"]["mova-official"]
+    weights = torch.load(folder / "lora_weights.pt", map_location="cpu", weights_only=True)
+    config = torch.load(folder / "lora_config.pt", map_location="cpu", weights_only=True)
+    mova = read_any_adapter(setup["exports"]["mova"]).state
+    # exactly our canonical keys (what MOVALoRA's load_lora_weights matches on its modules), the same tensors
+    assert sorted(weights) == sorted(mova)
+    assert all(torch.equal(weights[k], mova[k]) for k in mova)
+    assert config == {"rank": RANK, "alpha": ALPHA, "target_modules": sorted(CFG.targets)}
+    assert type(config["rank"]) is int and type(config["alpha"]) is float
+    # the official LoRALinear: W x + (alpha / rank) * B A x  ==  our merge
+    merged = _merged_reference(setup)
+    for key in (k for k in weights if k.endswith(".lora_A.weight")):
+        component, path = key[: -len(".lora_A.weight")].split(".", 1)
+        b = weights[key.replace("lora_A", "lora_B")]
+        w = _base_params(setup, component)[f"{path}.weight"] + config["alpha"] / config["rank"] * (
+            b @ weights[key]
+        )
+        torch.testing.assert_close(w, merged[component][f"{path}.weight"], rtol=1e-5, atol=1e-6)
+
+
+def test_mova_official_refuses_what_the_official_loader_would_drop(setup, tmp_path, tiny_checkpoint):
+    ffn_cfg = LoraConfig(rank=2, alpha=4.0, targets={"audio_dit": ["self_attn", "ffn"]})
+    model = load_mova(tiny_checkpoint, components=("audio_dit",))
+    apply_lora(model, ffn_cfg)
+    save_adapters(tmp_path / "ffn", model, ffn_cfg, metadata={"step": "1"})
+    with pytest.raises(
+        ExportError, match=r"wraps only layers named q, k, v, o.*audio_dit\.blocks\.0\.ffn\.0"
+    ):
+        export_adapter(tmp_path / "ffn", tmp_path / "o", "mova-official")
+    assert not (tmp_path / "o").exists()
+    # a lora_weights.pt changed after export is refused, never unpickled
+    copy = tmp_path / "official"
+    import shutil
+
+    shutil.copytree(setup["exports"]["mova-official"], copy)
+    (copy / "lora_weights.pt").write_bytes((copy / "lora_weights.pt").read_bytes() + b"x")
+    with pytest.raises(LoraError, match="is not the file exported with"):
+        read_any_adapter(copy)
+
+
+def test_diffsynth_export_applies_like_diffsynth(setup):
+    """DiffSynth's GeneralLoRALoader: module name = key without `.lora_B.weight`, matched against the pipeline's
+    named_modules (`video_dit`, `video_dit2`, `audio_dit`, `dual_tower_bridge`); W += 1.0 * up @ down (no alpha)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(setup["exports"]["diffsynth"] / "diffsynth_lora.safetensors"))
+    assert not any(k.endswith(".alpha") for k in tensors)
+    names = {"video_dit": "video_dit", "video_dit2": "video_dit_2", "audio_dit": "audio_dit"}
+    names["dual_tower_bridge"] = "dual_tower_bridge"
+    merged = _merged_reference(setup)
+    seen = set()
+    for key in (k for k in tensors if k.endswith(".lora_B.weight")):
+        name = key[: -len(".lora_B.weight")]
+        attr, path = name.split(".", 1)
+        component = names[attr]
+        up, down = tensors[key], tensors[f"{name}.lora_A.weight"]
+        w = _base_params(setup, component)[f"{path}.weight"] + 1.0 * (up @ down)
+        torch.testing.assert_close(w, merged[component][f"{path}.weight"], rtol=1e-5, atol=1e-6)
+        seen.add(component)
+    assert seen == set(CFG.targets)
+    assert any(k.startswith("video_dit2.") for k in tensors) and not any(
+        k.startswith("video_dit_2.") for k in tensors
+    )
+
+
+def _wan_loader_target(key: str) -> str | None:
+    """The module path a Wan 2.1 LoRA loader applies `key` to (ComfyUI's key map, diffusers' Wan converter,
+    DiffSynth's loader on one DiT): `diffusion_model.` / `transformer.` prefixes or bare block paths."""
+    stem = re.sub(r"\.(lora_[AB](\.default)?\.weight|lora_(up|down)\.weight|alpha)$", "", key)
+    for prefix in ("diffusion_model.", "transformer.", "model.diffusion_model.", ""):
+        if stem.startswith(prefix) and stem[len(prefix) :].startswith("blocks."):
+            return stem[len(prefix) :]
+    return None
+
+
+def test_no_file_has_keys_another_components_loader_would_apply(setup):
+    """Per file of every format: a Wan loader handed the file applies keys only from a video expert's own file,
+    and a pipeline-level loader (official, DiffSynth) maps each key to the component it was trained for."""
+    from safetensors import safe_open
+
+    video_paths = {k[: -len(".weight")] for k in _base_params(setup, "video_dit")}
+    audio_paths = {k[: -len(".weight")] for k in _base_params(setup, "audio_dit")}
+    assert video_paths & audio_paths  # the towers share block paths: a bare prefix would land audio on video
+    checked = 0
+    for fmt in ADAPTER_FORMATS:
+        for file in sorted(setup["exports"][fmt].rglob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as f:
+                keys = list(f.keys())  # noqa: SIM118
+                component = (f.metadata() or {}).get("component")
+            hits = {k for k in keys if _wan_loader_target(k) in video_paths}
+            if fmt == "comfyui" and component in ("video_dit", "video_dit_2"):
+                assert hits == set(keys), file  # the whole expert file loads as a Wan LoRA
+            else:
+                assert not hits, (file, sorted(hits)[:3])
+            checked += 1
+    assert checked >= 8
+
+
+def test_peft_config_parses_in_the_oldest_peft_allowed(setup):
+    """pyproject allows peft >= 0.13. PEFT 0.13.0's LoraConfig fields (read from that release's dataclass) must
+    cover every field we write, and today's PEFT must read them as the config we train with."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    from mova_train.lora.inject import build_peft_config
+
+    peft_013_fields = {
+        "alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias", "fan_in_fan_out", "inference_mode",
+        "init_lora_weights", "layer_replication", "layers_pattern", "layers_to_transform", "loftq_config",
+        "lora_alpha", "lora_dropout", "megatron_config", "megatron_core", "modules_to_save", "peft_type", "r",
+        "rank_pattern", "revision", "runtime_config", "target_modules", "task_type", "use_dora", "use_rslora",
+    }  # fmt: skip
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert '"peft>=0.13,' in pyproject  # the floor these fields were read from
+    for folder in sorted(setup["exports"]["peft"].iterdir()):
+        written = json.loads((folder / "adapter_config.json").read_text())
+        assert set(written) <= peft_013_fields, set(written) - peft_013_fields
+        fields = {k: v for k, v in written.items() if k != "peft_type"}
+        ours = build_peft_config(CFG, written["target_modules"])
+        ours.inference_mode = True
+        assert PeftLoraConfig(**fields).to_dict() == ours.to_dict()
+
+
+def test_exported_metadata_names_the_base_without_local_paths(setup):
+    base = str(setup["ckpt"].resolve())
+    for file in (p for p in setup["tmp"].joinpath("out").rglob("*") if p.is_file() and p.suffix != ".pt"):
+        if file.parent.name in ("text_encoder", "video_vae", "audio_vae", "tokenizer", "scheduler"):
+            continue  # byte copies of the base
+        data = file.read_bytes()
+        assert base.encode() not in data, file
+    text = json.loads((setup["exports"]["mova"] / "adapter_config.json").read_text())["metadata"]
+    assert f"checkpoint: {setup['ckpt'].name}" in text["training_config"]
 
 
 def test_merged_export_reproduces_outputs_in_the_released_layout(setup):
@@ -206,18 +373,23 @@ def test_merged_export_reproduces_outputs_in_the_released_layout(setup):
 
 
 def test_scale_zero_merge_reproduces_the_base(setup, tmp_path):
+    """Bit for bit in the weights. (Outputs are compared with a tolerance: the tensors of a loaded checkpoint are
+    views of the mmapped file, and CPU kernels round differently by ~5e-7 at another alignment of the data, which
+    the longer or shorter metadata of the merged files shifts.)"""
     export_adapter(setup["run_dir"], tmp_path / "m0", "merged", checkpoint=setup["ckpt"], scale=0.0)
-    model = load_mova(tmp_path / "m0")
-    assert all(torch.equal(a, b) for a, b in zip(outputs(model), setup["base_out"]))
+    merged, base = load_mova(tmp_path / "m0").state_dict(), load_mova(setup["ckpt"]).state_dict()
+    assert merged.keys() == base.keys()
+    assert all(torch.equal(merged[k], base[k]) for k in base)
+    for a, b in zip(outputs(load_mova(tmp_path / "m0")), setup["base_out"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_exporting_twice_is_byte_identical(setup):
     again = setup["tmp"] / "again"
     code = (
         "import sys; from mova_train.lora.export import export_adapter\n"
-        "for fmt in ('peft', 'mova', 'comfyui', 'merged'):\n"
-        "    export_adapter(sys.argv[1], sys.argv[2] + '/' + fmt, fmt,"
-        " checkpoint=sys.argv[3] if fmt == 'merged' else None)\n"
+        f"for fmt in {FORMATS!r}:\n"
+        "    export_adapter(sys.argv[1], sys.argv[2] + '/' + fmt, fmt)\n"
     )
     env = dict(os.environ, PYTHONHASHSEED="12345", OMP_NUM_THREADS="1")
     subprocess.run(
@@ -247,8 +419,8 @@ def test_bad_input_gives_clear_errors(setup, tmp_path, tiny_checkpoint):
     run_dir = setup["run_dir"]
     with pytest.raises(ExportError, match="unknown export format 'onnx'"):
         export_adapter(run_dir, tmp_path / "o", "onnx")
-    with pytest.raises(ExportError, match="needs --checkpoint"):
-        export_adapter(run_dir, tmp_path / "o", "merged")
+    with pytest.raises(ExportError, match="needs the base checkpoint"):
+        export_adapter(setup["exports"]["mova"], tmp_path / "o", "merged")  # an adapter outside any run
     with pytest.raises(ExportError, match="does not exist"):
         export_adapter(tmp_path / "nope", tmp_path / "o", "mova")
     (tmp_path / "empty").mkdir()
@@ -289,3 +461,43 @@ def test_cli_exit_codes(setup, tmp_path, capsys):
     assert err.startswith("error: unknown export format 'onnx'") and "\n" not in err
     assert export_main([str(setup["run_dir"]), "--out", str(tmp_path / "o"), "--format", "mova"]) == 0
     assert (tmp_path / "o" / "adapters.safetensors").is_file()
+
+
+def test_the_sampler_reads_every_export(setup, tmp_path):
+    """`sample --lora` takes every folder (and single file) the exporter writes; merging any of them gives the same
+    weights bit for bit; a merged export is a checkpoint and is refused with the option to use instead."""
+    from mova_train.names import COMPONENTS
+    from mova_train.sampling.inputs import SamplingError
+    from mova_train.sampling.pipeline import load_adapter, merge_adapters
+
+    exports = setup["exports"]
+    sources = [exports[fmt] for fmt in ADAPTER_FORMATS] + [
+        exports["diffsynth"] / "diffsynth_lora.safetensors",
+        exports["comfyui"] / "audio_dit.safetensors",
+        exports["peft"] / "video_dit_2",
+    ]
+    reference = None
+    for source in sources:
+        adapter = load_adapter(f"{source}:1.0", base_identity=setup["identity"])
+        model = load_mova(setup["ckpt"])
+        merge_adapters(model, [adapter], COMPONENTS)
+        state = model.state_dict()
+        if reference is None:
+            reference = state
+            for a, b in zip(outputs(model), setup["trained_out"]):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+            continue
+        changed = {k for k in state if not torch.equal(state[k], setup_base_state(setup)[k])}
+        assert changed, source
+        assert all(torch.equal(state[k], reference[k]) for k in changed), source
+    with pytest.raises(SamplingError, match="not an adapter: pass it as --checkpoint"):
+        load_adapter(str(exports["merged"]))
+
+
+_BASE_STATE: dict = {}
+
+
+def setup_base_state(setup):
+    if not _BASE_STATE:
+        _BASE_STATE.update(load_mova(setup["ckpt"]).state_dict())
+    return _BASE_STATE

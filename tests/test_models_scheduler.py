@@ -110,3 +110,57 @@ def test_from_config_validates():
         FlowMatchScheduler.from_config({"shift": 5.0, "shift_terminal": 0.5})
     assert FlowMatchScheduler.from_config({"shift": 3.0, "extra_one_step": True}).shift == 3.0
     assert math.isclose(FlowMatchScheduler().sigma_min, SIGMA_MIN)
+
+
+def _numpy_float32_recipe(n: int, shift: float = 5.0, extra_one_step: bool = True):
+    """The reference recipe recomputed with numpy in float32 (independent of the scheduler's code): torch's
+    linspace (float32 step; first half up from the start, second half down from the end, each value
+    start + step·i rounded once, as the fused multiply-add of the GPU kernel), the shift and ×1000 in float32."""
+    import numpy as np
+
+    f32 = np.float32
+    points = n + 1 if extra_one_step else n
+    start, end = f32(SIGMA_MIN + (1.0 - SIGMA_MIN) * 1.0), f32(SIGMA_MIN)
+    step = (end - start) / f32(points - 1)
+    i = np.arange(points, dtype=np.int64)
+    up = (np.float64(start) + np.float64(step) * i).astype(f32)  # exact in float64, rounded once
+    down = (np.float64(end) - np.float64(step) * (points - 1 - i)).astype(f32)
+    s = np.where(i < points // 2, up, down).astype(f32)
+    if extra_one_step:
+        s = s[:-1]
+    sigma = (f32(shift) * s) / (f32(1) + f32(shift - 1) * s)
+    assert sigma.dtype == np.float32
+    return sigma, (sigma * f32(1000)).astype(f32)
+
+
+@pytest.mark.parametrize("n", [1000, 50, 25, 7])
+def test_grid_equals_the_float32_recipe_bit_for_bit(sched, n):
+    import numpy as np
+
+    sigma, timesteps = _numpy_float32_recipe(n)
+    ours = sched.train_timesteps if n == 1000 else sched.sampling_timesteps(n)
+    assert ours.dtype == torch.float32
+    assert ours.numpy().tobytes() == timesteps.tobytes()
+    if n == 1000:
+        assert sched.train_sigmas.numpy().tobytes() == sigma.tobytes()
+    looked_up = sched.sigma_for(torch.from_numpy(timesteps))
+    if 1000 % n == 0:  # on the training table: every σ lookup returns the recipe's float32 σ exactly
+        assert looked_up.numpy().tobytes() == sigma.tobytes()
+    else:  # off the table (7 steps): σ snaps to the nearest training entry, as the reference does
+        table_sigma, table_t = _numpy_float32_recipe(1000)
+        nearest = np.abs(table_t[None, :] - timesteps[:, None]).argmin(axis=1)
+        assert looked_up.numpy().tobytes() == table_sigma[nearest].tobytes()
+        assert looked_up.numpy().tobytes() != sigma.tobytes()
+
+
+def test_float64_grid_cast_afterwards_differs_from_the_recipe():
+    """What the float32 recipe guards against: the same grid built in float64 and cast at the end differs by 1-2
+    ulp in hundreds of training timesteps (the test above would catch a return to it)."""
+    import numpy as np
+
+    _, timesteps = _numpy_float32_recipe(1000)
+    f64 = np.array(_formula_timesteps(1000), dtype=np.float64).astype(np.float32)
+    differ = timesteps != f64
+    assert 100 < int(differ.sum()) < 1000
+    ulps = np.abs(timesteps.view(np.int32) - f64.view(np.int32))
+    assert int(ulps.max()) <= 2

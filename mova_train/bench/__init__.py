@@ -29,6 +29,11 @@ COMMANDS = {
         "read throughput of the shard loader (samples/s, MB/s) on a shard folder or random latents",
     ),
     "train": ("mova_train.bench.training", "run_train_bench", "training-step throughput of the full trainer"),
+    "export": (
+        "mova_train.bench.export",
+        "run_export_bench",
+        "peak memory of a merged export against the base shard size (written tensor by tensor)",
+    ),
     "sampling": (
         "mova_train.bench.sampling",
         "run_sampling_bench",

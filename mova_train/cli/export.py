@@ -10,36 +10,49 @@ import logging
 import sys
 
 EPILOG = """\
-formats:
-  peft     OUT/<component>/adapter_config.json + adapter_model.safetensors, one folder per trained component
-           (video_dit, video_dit_2, audio_dit, dual_tower_bridge); load with peft.PeftModel.from_pretrained
-  mova     OUT/adapters.safetensors (+ adapter_config.json): keys <component>.<module path>.lora_A/.lora_B.weight,
-           rank/alpha/targets in the metadata; what `python -m mova_train.cli.sample --lora` reads
-  comfyui  OUT/<component>.safetensors: diffusion_model.<module path>.lora_A/.lora_B.weight + .alpha per module
-  merged   OUT/ = the base checkpoint (--checkpoint) with the adapters merged in, released layout
+formats (README "5. Export and sample" has the table of tools, how each loads these files and what was checked):
+  peft           OUT/<component>/adapter_config.json + adapter_model.safetensors, one folder per trained component
+                 (video_dit, video_dit_2, audio_dit, dual_tower_bridge); peft.PeftModel.from_pretrained (PEFT >= 0.13)
+  mova           OUT/adapters.safetensors (+ adapter_config.json): keys <component>.<module path>.lora_A/.lora_B.weight,
+                 rank/alpha/targets in the metadata
+  mova-official  OUT/lora_weights.pt + lora_config.pt for the official MOVALoRA.load_lora(OUT) (true rank and alpha;
+                 attention layers only), and the same tensors as adapters.safetensors
+  diffsynth      OUT/diffsynth_lora.safetensors for DiffSynth-Studio: pipe.load_lora(pipe, FILE) (alpha baked in)
+  comfyui        OUT/<component>.safetensors: the video experts as Wan 2.1 LoRAs (diffusion_model.<path> + .alpha);
+                 audio_dit / dual_tower_bridge keep their component prefix (ComfyUI has no MOVA audio or bridge)
+  merged         OUT/ = the base checkpoint with the adapters merged in, released layout, written tensor by tensor;
+                 the base is --checkpoint, or the run's model.checkpoint
 
-SOURCE is a run dir (its latest checkpoint), a checkpoint dir (runs/x/checkpoints/step-00001000), its
-adapter/ folder, or an adapters .safetensors file. Exporting twice gives byte-identical files.
+SOURCE is a run dir (its latest checkpoint), a checkpoint dir (runs/x/checkpoints/step-00001000), its adapter/
+folder, or an adapter in any of the formats above. Exporting twice gives byte-identical files. Every format is
+read by `python -m mova_train.cli.sample --lora` (merged: pass it as --checkpoint).
 
 examples:
   python -m mova_train.cli.export runs/voice_lora --out exports/voice_peft --format peft
   python -m mova_train.cli.export runs/voice_lora/checkpoints/step-00002000 --out exports/voice.mova --format mova
-  python -m mova_train.cli.export runs/voice_lora --out checkpoints/MOVA-360p-voice --format merged \\
-      --checkpoint checkpoints/MOVA-360p
+  python -m mova_train.cli.export runs/voice_lora --out exports/voice_official --format mova-official
+  python -m mova_train.cli.export runs/voice_lora --out checkpoints/MOVA-360p-voice --format merged
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mova_train.cli.export",
-        description="Export LoRA adapters trained by mova-train to PEFT, MOVA, ComfyUI or a merged checkpoint.",
+        description="Export LoRA adapters trained by mova-train to PEFT, MOVA (ours or the official loader's), "
+        "DiffSynth, ComfyUI or a merged checkpoint.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT", help="run dir, checkpoint dir or adapter")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
-    parser.add_argument("--format", required=True, dest="fmt", metavar="{peft,mova,comfyui,merged}")
-    parser.add_argument("--checkpoint", metavar="BASE_DIR", help="base checkpoint folder (needed for merged)")
+    parser.add_argument(
+        "--format", required=True, dest="fmt", metavar="{peft,mova,mova-official,diffsynth,comfyui,merged}"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        metavar="BASE_DIR",
+        help="merged: the base to merge into (default: the run's model.checkpoint)",
+    )
     parser.add_argument("--scale", type=float, default=1.0, help="adapter scale for merged (default 1.0)")
     parser.add_argument(
         "--dtype",

@@ -1,16 +1,20 @@
-"""Export trained adapters for other tools: `peft`, `mova`, `comfyui` and `merged` (issue #6).
+"""Export trained adapters for other tools: `peft`, `mova`, `mova-official`, `diffsynth`, `comfyui`, `merged`.
 
-Input: a run dir (its latest checkpoint), a checkpoint dir holding `adapter/`, an `adapter/` folder or an
-adapters .safetensors file; or, with `from_zero=True`, a checkpoint that only has a DeepSpeed ZeRO state.
-Every written file is deterministic (sorted keys, no timestamps) and its metadata names the training config,
-the base checkpoint identity and the step.
+Input: a run dir (its latest checkpoint), a checkpoint dir holding `adapter/`, an adapter in any format this module
+writes (folder or file); or, with `from_zero=True`, a checkpoint that only has a DeepSpeed ZeRO state.
+Every written file is deterministic (sorted keys, no timestamps) and its metadata names the training config (local
+absolute paths reduced to their last component), the base checkpoint identity and the step. Key layouts and what
+each tool does with them: `mova_train.lora.formats`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +22,14 @@ from pathlib import Path
 import torch
 
 from mova_train import run_layout as layout
-from mova_train.checkpoint_io import CheckpointError, read_component_header, read_json
+from mova_train.checkpoint_io import (
+    SAFETENSORS_TO_TORCH,
+    CheckpointError,
+    read_component_header,
+    read_json,
+    read_safetensors_header,
+    write_safetensors_streaming,
+)
 from mova_train.identity import base_identity
 from mova_train.lora.adapters import (
     ADAPTER_WEIGHTS,
@@ -28,19 +39,38 @@ from mova_train.lora.adapters import (
     AdapterFormatError,
     adapter_metadata,
     check_adapter_state,
-    load_adapters,
     save_adapters,
     targets_from_state,
 )
-from mova_train.lora.config import LoraConfig, LoraError, lora_config_from_dict
+from mova_train.lora.config import INIT_OPTIONS, LoraConfig, LoraError, lora_config_from_dict
+from mova_train.lora.formats import (
+    DIFFSYNTH_COMPONENTS,
+    DIFFSYNTH_FILE,
+    MERGED_RECORD,
+    META_BAKED_SCALE,
+    META_FORMAT,
+    META_OFFICIAL_SHA256,
+    OFFICIAL_CONFIG,
+    OFFICIAL_LAYER_NAMES,
+    OFFICIAL_WEIGHTS,
+    PEFT_CONFIG,
+    PEFT_PREFIX,
+    PEFT_WEIGHTS,
+    alpha_for_plain_scaling,
+    comfyui_prefix,
+    has_adapter,
+    lora_scaling,
+    official_unsupported,
+    read_any_adapter,
+)
 from mova_train.lora.inject import extract_lora_state, parse_canonical_key
-from mova_train.lora.safetensors_io import read_safetensors, write_json, write_safetensors
+from mova_train.lora.safetensors_io import write_bytes_atomic, write_json, write_safetensors
 from mova_train.names import WEIGHTS_NAME, adapter_key
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMATS = ("peft", "mova", "comfyui", "merged")
-EXPORT_RECORD = "mova_train_export.json"
+EXPORT_FORMATS = ("peft", "mova", "mova-official", "diffsynth", "comfyui", "merged")
+EXPORT_RECORD = MERGED_RECORD
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -56,6 +86,7 @@ class AdapterSource:
     cfg: LoraConfig
     metadata: dict[str, str]  # includes step, base_identity, training_config
     origin: str
+    recorded_checkpoint: str | None = None  # the run's model.checkpoint, when the source is inside a run dir
 
     @property
     def targets(self) -> dict[str, list[str]]:
@@ -93,6 +124,29 @@ def _run_files(ckpt_dir: Path | None) -> tuple[dict, str | None]:
     return trainer_state, config_text
 
 
+_ABS_PATH = re.compile(r"""(?<=[\s:'"\[,])/(?:[^\s'",\]}/]+/)*([^\s'",\]}/]+)""")
+
+
+def strip_local_paths(text: str) -> str:
+    """`text` (a training config) with every absolute path reduced to its last component: exported files name the
+    base and the data by name, never by a path on the machine that trained them."""
+    return _ABS_PATH.sub(r"\1", text)
+
+
+def _recorded_checkpoint(ckpt_dir: Path | None) -> str | None:
+    """`model.checkpoint` of the run's config.yaml, if the source is inside a run dir."""
+    _, config_text = _run_files(ckpt_dir)
+    if config_text is None:
+        return None
+    from omegaconf import OmegaConf
+
+    try:
+        value = OmegaConf.select(OmegaConf.create(config_text), "model.checkpoint")
+    except Exception:  # a config.yaml we cannot parse records nothing usable
+        return None
+    return str(value) if value else None
+
+
 def _fill_metadata(metadata: dict[str, str], ckpt_dir: Path | None) -> dict[str, str]:
     """Complete step / base identity / training config from the run's own files where the adapter lacks them."""
     meta = dict(metadata)
@@ -110,6 +164,7 @@ def _fill_metadata(metadata: dict[str, str], ckpt_dir: Path | None) -> dict[str,
         if not meta.get(key):
             log.warning("the adapter records no %r; the exported files say 'unknown'", key)
             meta[key] = "unknown"
+    meta[META_TRAINING_CONFIG] = strip_local_paths(meta[META_TRAINING_CONFIG])
     return meta
 
 
@@ -140,11 +195,17 @@ def _load_zero(ckpt_dir: Path, zero_dir: Path) -> AdapterSource:
         raise ExportError(f"the DeepSpeed checkpoint {zero_dir} holds no LoRA parameters")
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     check_adapter_state(state, cfg, source=str(zero_dir))
-    return AdapterSource(state, cfg, _fill_metadata({}, ckpt_dir), f"DeepSpeed checkpoint {zero_dir}")
+    return AdapterSource(
+        state,
+        cfg,
+        _fill_metadata({}, ckpt_dir),
+        f"DeepSpeed checkpoint {zero_dir}",
+        _recorded_checkpoint(ckpt_dir),
+    )
 
 
 def load_adapter_source(path: str | os.PathLike, *, from_zero: bool = False) -> AdapterSource:
-    """Find and load the adapter of a run dir / checkpoint dir / adapter folder / adapter file."""
+    """Find and load the adapter of a run dir / checkpoint dir / adapter in any exported format (folder or file)."""
     p = Path(path)
     if not p.exists():
         raise ExportError(f"{p} does not exist")
@@ -152,34 +213,40 @@ def load_adapter_source(path: str | os.PathLike, *, from_zero: bool = False) -> 
     if layout.is_run_dir(p):
         p = _latest_checkpoint(p)
         log.info("exporting the latest checkpoint %s", p)
-    if p.is_file() or (p / ADAPTER_WEIGHTS).is_file():
-        adapter = p
-        if p.is_dir() and p.name == layout.ADAPTER_DIR:
-            ckpt_dir = p.parent
-    elif (layout.adapter_dir(p) / ADAPTER_WEIGHTS).is_file():
+    if p.is_dir() and (layout.adapter_dir(p) / ADAPTER_WEIGHTS).is_file():
         adapter, ckpt_dir = layout.adapter_dir(p), p
     else:
-        zero_dir = _find_zero_dir(p) if p.is_dir() else None
-        if zero_dir is None:
-            raise ExportError(
-                f"{p} holds no adapter: expected {ADAPTER_WEIGHTS}, adapter/{ADAPTER_WEIGHTS}, "
-                "checkpoints/step-*/ (a run dir) or a DeepSpeed ZeRO checkpoint"
-            )
-        if not from_zero:
-            raise ExportError(
-                f"{p} has no adapter/ folder, only the DeepSpeed ZeRO checkpoint {zero_dir}; consolidating it "
-                "unpickles DeepSpeed's .pt files, so pass --from-zero if you trust them (e.g. your own run)"
-            )
-        return _load_zero(p, zero_dir)
-    state, cfg, metadata = load_adapters(adapter)
-    return AdapterSource(state, cfg, _fill_metadata(metadata, ckpt_dir), str(adapter))
+        adapter = p
+        folder = p if p.is_dir() else p.parent
+        if folder.name == layout.ADAPTER_DIR and (folder.parent / layout.STATE_FILE).is_file():
+            ckpt_dir = folder.parent
+        zero_dir = _find_zero_dir(p) if p.is_dir() and not has_adapter(p) else None
+        if zero_dir is not None:
+            if not from_zero:
+                raise ExportError(
+                    f"{p} has no adapter/ folder, only the DeepSpeed ZeRO checkpoint {zero_dir}; consolidating it "
+                    "unpickles DeepSpeed's .pt files, so pass --from-zero if you trust them (e.g. your own run)"
+                )
+            return _load_zero(p, zero_dir)
+    if adapter.is_dir() and not has_adapter(adapter) and not (adapter / EXPORT_RECORD).is_file():
+        raise ExportError(
+            f"{adapter} holds no adapter: expected a run dir (checkpoints/step-*/), a checkpoint with adapter/, an "
+            f"adapter in any exported format ({', '.join(EXPORT_FORMATS[:-1])}) or a DeepSpeed ZeRO checkpoint"
+        )
+    try:
+        read = read_any_adapter(adapter)
+    except LoraError as e:
+        raise ExportError(str(e)) from None
+    return AdapterSource(
+        read.state,
+        read.cfg,
+        _fill_metadata(read.metadata, ckpt_dir),
+        str(adapter),
+        _recorded_checkpoint(ckpt_dir),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- output
-
-
-def _scaling(cfg: LoraConfig) -> float:
-    return cfg.alpha / math.sqrt(cfg.rank) if cfg.use_rslora else cfg.alpha / cfg.rank
 
 
 def _component_state(source: AdapterSource, component: str) -> dict[str, tuple[str, str, torch.Tensor]]:
@@ -195,7 +262,7 @@ def _component_state(source: AdapterSource, component: str) -> dict[str, tuple[s
 def _file_metadata(source: AdapterSource, fmt: str, extra: dict[str, str]) -> dict[str, str]:
     meta = adapter_metadata(source.cfg, source.targets, source.metadata)
     # `format: pt` is what transformers/ComfyUI-style loaders expect of a torch safetensors file.
-    meta.update({"format": "pt", "mova_train_format": fmt, **extra})
+    meta.update({"format": "pt", META_FORMAT: fmt, **extra})
     return meta
 
 
@@ -210,13 +277,32 @@ def export_mova(source: AdapterSource, out: Path, *, dtype: torch.dtype | None =
 
 
 def peft_adapter_config(cfg: LoraConfig, paths: list[str]) -> dict:
-    """The adapter_config.json PEFT writes for this component (sets as sorted lists)."""
-    from mova_train.lora.inject import build_peft_config
+    """The adapter_config.json of one component, with only fields every PEFT the project allows (>= 0.13) knows.
 
-    peft_cfg = build_peft_config(cfg, paths)
-    peft_cfg.inference_mode = True
-    d = peft_cfg.to_dict()
-    return {k: sorted(v) if isinstance(v, set) else v for k, v in d.items()}
+    PEFT before 0.14 refuses a config with a field it does not know, so writing the installed PEFT's whole config
+    breaks older ones; these fields say everything our adapters use (unset fields take PEFT's defaults).
+    """
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "revision": None,
+        "inference_mode": True,
+        "r": cfg.rank,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": sorted(paths),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": INIT_OPTIONS[cfg.init],
+        "use_rslora": cfg.use_rslora,
+        "use_dora": cfg.use_dora,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
 
 
 def export_peft(source: AdapterSource, out: Path, *, dtype: torch.dtype | None = None) -> list[Path]:
@@ -227,36 +313,102 @@ def export_peft(source: AdapterSource, out: Path, *, dtype: torch.dtype | None =
         for _key, (path, part, value) in _component_state(source, component).items():
             # PEFT's on-disk names: base_model.model.<path>.lora_A.weight; DoRA magnitude without ".weight".
             suffix = "lora_magnitude_vector" if part == "lora_magnitude_vector" else f"{part}.weight"
-            tensors[f"base_model.model.{path}.{suffix}"] = value
+            tensors[f"{PEFT_PREFIX}{path}.{suffix}"] = value
         folder = out / component
         meta = _file_metadata(source, "peft", {"component": component})
-        write_safetensors(folder / "adapter_model.safetensors", _cast(tensors, dtype), meta)
-        write_json(folder / "adapter_config.json", peft_adapter_config(source.cfg, paths))
-        written += [folder / "adapter_model.safetensors", folder / "adapter_config.json"]
+        write_safetensors(folder / PEFT_WEIGHTS, _cast(tensors, dtype), meta)
+        write_json(folder / PEFT_CONFIG, peft_adapter_config(source.cfg, paths))
+        written += [folder / PEFT_WEIGHTS, folder / PEFT_CONFIG]
     return written
 
 
-def export_comfyui(source: AdapterSource, out: Path, *, dtype: torch.dtype | None = None) -> list[Path]:
-    """out/<component>.safetensors with `diffusion_model.<path>.lora_A/.lora_B.weight` and `.alpha` per module."""
+def _refuse_dora(source: AdapterSource, fmt: str, why: str) -> None:
     if source.cfg.use_dora:
         raise ExportError(
-            "DoRA adapters cannot be exported for ComfyUI faithfully (its dora_scale normalises differently "
-            "from PEFT); export --format merged instead"
+            f"DoRA adapters cannot be exported as {fmt} faithfully ({why}); export --format merged"
         )
+
+
+def export_comfyui(source: AdapterSource, out: Path, *, dtype: torch.dtype | None = None) -> list[Path]:
+    """out/<component>.safetensors with `<prefix><path>.lora_A/.lora_B.weight` and `.alpha` per module.
+
+    The video experts' prefix is `diffusion_model.` (ComfyUI, DiffSynth and diffusers load them as Wan 2.1 LoRAs);
+    the audio tower's and the bridge's keys keep their component name, so no Wan loader maps them onto video blocks
+    (no ComfyUI loader supports them: they are written for completeness and for our own sampler).
+    """
+    _refuse_dora(source, "comfyui", "its dora_scale normalises differently from PEFT")
     # ComfyUI scales by alpha / rank; rsLoRA's alpha/sqrt(rank) is expressed through an adjusted alpha.
-    alpha = source.cfg.alpha * math.sqrt(source.cfg.rank) if source.cfg.use_rslora else source.cfg.alpha
+    alpha = alpha_for_plain_scaling(source.cfg)
     written = []
     for component in source.targets:
+        prefix = comfyui_prefix(component)
         tensors = {}
         for _key, (path, part, value) in _component_state(source, component).items():
-            tensors[f"diffusion_model.{path}.{part}.weight"] = value
-            tensors[f"diffusion_model.{path}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+            tensors[f"{prefix}{path}.{part}.weight"] = value
+            tensors[f"{prefix}{path}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
         meta = _file_metadata(source, "comfyui", {"component": component})
         alphas = {k: v for k, v in tensors.items() if k.endswith(".alpha")}
         file = out / f"{component}.safetensors"
         write_safetensors(file, {**_cast(tensors, dtype), **alphas}, meta)
         written.append(file)
     return written
+
+
+def _torch_save_bytes(obj: object) -> bytes:
+    """torch.save into memory: the same object gives the same bytes (the archive is named `archive`)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def export_mova_official(source: AdapterSource, out: Path, *, dtype: torch.dtype | None = None) -> list[Path]:
+    """What the official `MOVALoRA.load_lora(out)` reads: `lora_weights.pt` (canonical keys, plain tensors) and
+    `lora_config.pt` (`rank`, `alpha`, `target_modules` = the components), both loadable with
+    `torch.load(..., weights_only=True)`; plus `adapters.safetensors`, the same tensors, which this project reads
+    (it never unpickles) after checking `lora_weights.pt`'s sha256 against it."""
+    _refuse_dora(source, "mova-official", "the official LoRA layers have no magnitude vector")
+    unsupported = official_unsupported(source.targets)
+    if unsupported:
+        raise ExportError(
+            f"the official MOVA loader wraps only layers named {', '.join(OFFICIAL_LAYER_NAMES)}; this adapter also "
+            f"trains {len(unsupported)} other module(s) ({', '.join(unsupported[:3])}"
+            f"{', ...' if len(unsupported) > 3 else ''}), which it would leave out without a word. Export "
+            "--format merged (the official pipeline loads it as a base checkpoint), or train attention-only presets"
+        )
+    state = {k: v.detach().to("cpu").clone().contiguous() for k, v in _cast(source.state, dtype).items()}
+    weights = _torch_save_bytes({k: state[k] for k in sorted(state)})
+    config = {
+        "rank": int(source.cfg.rank),
+        "alpha": float(alpha_for_plain_scaling(source.cfg)),
+        "target_modules": sorted(source.targets),
+    }
+    write_bytes_atomic(out / OFFICIAL_WEIGHTS, weights)
+    write_bytes_atomic(out / OFFICIAL_CONFIG, _torch_save_bytes(config))
+    twin_meta = {
+        **source.metadata,
+        META_FORMAT: "mova-official",
+        META_OFFICIAL_SHA256: hashlib.sha256(weights).hexdigest(),
+    }
+    save_adapters(out, None, source.cfg, metadata=twin_meta, state_dict=state)
+    return [out / OFFICIAL_WEIGHTS, out / OFFICIAL_CONFIG, out / ADAPTER_WEIGHTS, out / "adapter_config.json"]
+
+
+def export_diffsynth(source: AdapterSource, out: Path, *, dtype: torch.dtype | None = None) -> list[Path]:
+    """out/diffsynth_lora.safetensors for DiffSynth-Studio's MOVA pipeline: keys `<its component name>.<path>.
+    lora_A/.lora_B.weight` (the second expert is `video_dit2`), no alpha (its loader applies B@A at scale 1), so
+    alpha/rank is baked into lora_B. Load: `pipe.load_lora(pipe, "OUT/diffsynth_lora.safetensors")`."""
+    _refuse_dora(source, "diffsynth", "its LoRA loader has no magnitude vector")
+    scale = lora_scaling(source.cfg)
+    tensors = {}
+    for key, value in source.state.items():
+        component, path, part = parse_canonical_key(key)
+        out_dtype = dtype or value.dtype
+        if part == "lora_B":
+            value = (value.double() * scale).to(out_dtype)
+        tensors[f"{DIFFSYNTH_COMPONENTS[component]}.{path}.{part}.weight"] = value.to(out_dtype)
+    meta = _file_metadata(source, "diffsynth", {META_BAKED_SCALE: repr(float(scale))})
+    write_safetensors(out / DIFFSYNTH_FILE, tensors, meta)
+    return [out / DIFFSYNTH_FILE]
 
 
 def _merge_weight(
@@ -271,24 +423,45 @@ def _merge_weight(
     return merged.to(weight.dtype)
 
 
+def _base_for_merge(source: AdapterSource, checkpoint: str | os.PathLike | None) -> Path:
+    """--checkpoint, or else the base the run recorded (`model.checkpoint` of its config.yaml)."""
+    if checkpoint is not None:
+        base = Path(checkpoint)
+        if not base.is_dir():
+            raise ExportError(f"--checkpoint {base} is not a folder")
+        return base
+    if source.recorded_checkpoint is None:
+        raise ExportError(
+            f"--format merged needs the base checkpoint: {source.origin} is not inside a run dir that records "
+            "model.checkpoint, so pass --checkpoint BASE_DIR"
+        )
+    base = Path(source.recorded_checkpoint)
+    if not base.is_dir():
+        raise ExportError(
+            f"the run was trained on model.checkpoint={source.recorded_checkpoint}, which is not a folder here; "
+            "pass --checkpoint BASE_DIR"
+        )
+    log.info("merging into the run's base checkpoint %s", base)
+    return base
+
+
 def export_merged(
     source: AdapterSource,
     out: Path,
     *,
-    checkpoint: str | os.PathLike,
+    checkpoint: str | os.PathLike | None = None,
     scale: float = 1.0,
     allow_base_mismatch: bool = False,
 ) -> list[Path]:
     """A full checkpoint folder with the adapters merged into the base weights, in the released layout.
 
-    Components without adapters (and everything else in the base folder) are copied byte for byte; merged
-    components keep the base's file names, shard assignment, index and per-tensor dtypes.
+    The base is `checkpoint`, or the one the run recorded. Components without adapters (and everything else in the
+    base folder) are copied byte for byte; merged components keep the base's file names, shard assignment, index
+    and per-tensor dtypes, and are written tensor by tensor (peak memory about one tensor, not one shard).
     """
-    base = Path(checkpoint)
-    if not base.is_dir():
-        raise ExportError(f"--checkpoint {base} is not a folder")
+    base = _base_for_merge(source, checkpoint)
     if out.resolve() == base.resolve():
-        raise ExportError("--out must differ from --checkpoint (the base is never modified)")
+        raise ExportError("--out must differ from the base checkpoint (the base is never modified)")
     recorded = source.metadata.get(META_BASE_IDENTITY, "unknown")
     identity = base_identity(base)
     if recorded not in ("", "unknown") and recorded != identity:
@@ -301,7 +474,7 @@ def export_merged(
                 message + " (pass --allow-base-mismatch to merge anyway; shapes are still checked)"
             )
         log.warning(message)
-    factor = scale * _scaling(source.cfg)
+    factor = scale * lora_scaling(source.cfg)
     targets = source.targets
     meta = _file_metadata(source, "merged", {"merged_scale": repr(float(scale)), "merged_into": identity})
     out.mkdir(parents=True, exist_ok=True)
@@ -348,20 +521,61 @@ def _merge_component(
         if entry.suffix != ".safetensors":
             shutil.copyfile(entry, dest / entry.name)  # config.json and the index (same keys, files, sizes)
             continue
-        tensors, file_meta = read_safetensors(entry)
-        for key in sorted(set(tensors) & set(by_weight)):
-            path = by_weight[key]
-            magnitude = state.get(adapter_key(component, path, "lora_magnitude_vector"))
-            tensors[key] = _merge_weight(
-                tensors[key],
+        written.append(_merge_file(entry, dest / entry.name, component, by_weight, state, factor, meta))
+    return written
+
+
+def _merge_file(
+    src: Path,
+    dst: Path,
+    component: str,
+    by_weight: dict[str, str],
+    state: dict[str, torch.Tensor],
+    factor: float,
+    meta: dict[str, str],
+) -> Path:
+    """Stream one base file to `dst`, merging the targeted weights, one tensor in memory at a time."""
+    try:
+        header = read_safetensors_header(src)
+    except CheckpointError as e:
+        raise ExportError(f"base component {component}: {e}") from e
+    file_meta = header.entries.get("__metadata__") or {}
+    specs = {}
+    for key, entry in header.entries.items():
+        if key == "__metadata__":
+            continue
+        dtype = SAFETENSORS_TO_TORCH.get(entry["dtype"])
+        if dtype is None:
+            raise ExportError(f"{src}: tensor {key} has dtype {entry['dtype']}, which the merge cannot write")
+        specs[key] = (dtype, list(entry["shape"]))
+    with open(src, "rb") as f:
+
+        def tensor_for(key: str) -> torch.Tensor:
+            # read into fresh memory (not an mmap view): a written tensor is freed, so memory stays one tensor
+            begin, end = header.entries[key]["data_offsets"]
+            f.seek(header.data_start + begin)
+            data = bytearray(end - begin)
+            if f.readinto(data) != len(data):
+                raise ExportError(f"{src} is truncated at tensor {key} (re-download the base)")
+            dtype, shape = specs[key]
+            tensor = (
+                torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(shape)
+                if data
+                else torch.empty(shape, dtype=dtype)
+            )
+            path = by_weight.get(key)
+            if path is None:
+                return tensor
+            return _merge_weight(
+                tensor,
                 state[adapter_key(component, path, "lora_A")],
                 state[adapter_key(component, path, "lora_B")],
-                magnitude,
+                state.get(adapter_key(component, path, "lora_magnitude_vector")),
                 factor,
             )
-        write_safetensors(dest / entry.name, tensors, {**file_meta, **meta})
-        written.append(dest / entry.name)
-    return written
+
+        write_safetensors_streaming(dst, specs, tensor_for, {**file_meta, **meta})
+    return dst
 
 
 def export_adapter(
@@ -381,10 +595,6 @@ def export_adapter(
     if dtype is not None and dtype not in _DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; allowed: {', '.join(_DTYPES)}")
     if fmt == "merged":
-        if checkpoint is None:
-            raise ExportError(
-                "--format merged needs --checkpoint BASE_DIR (the base checkpoint to merge into)"
-            )
         if dtype is not None:
             raise ExportError(
                 "--dtype does not apply to --format merged (merged weights keep the base's dtypes)"
@@ -400,6 +610,10 @@ def export_adapter(
     torch_dtype = _DTYPES[dtype] if dtype else None
     if fmt == "mova":
         return export_mova(source, out, dtype=torch_dtype)
+    if fmt == "mova-official":
+        return export_mova_official(source, out, dtype=torch_dtype)
+    if fmt == "diffsynth":
+        return export_diffsynth(source, out, dtype=torch_dtype)
     if fmt == "peft":
         return export_peft(source, out, dtype=torch_dtype)
     if fmt == "comfyui":
@@ -416,8 +630,10 @@ __all__ = [
     "ExportError",
     "export_adapter",
     "export_comfyui",
+    "export_diffsynth",
     "export_merged",
     "export_mova",
+    "export_mova_official",
     "export_peft",
     "load_adapter_source",
     "peft_adapter_config",

@@ -29,6 +29,28 @@ def expert_for_timestep(t: float | torch.Tensor, boundary: float = 900.0) -> str
     return EXPERTS[0] if float(t) >= boundary else EXPERTS[1]
 
 
+def float32_linspace(start: float, end: float, steps: int) -> torch.Tensor:
+    """`torch.linspace(start, end, steps)` in float32 as the reference computes it on GPU, on any CPU.
+
+    The step is a float32 division; the first half counts up from `start`, the second half down from `end`, each
+    value one fused multiply-add (`start + step·i` rounded once). ATen's CPU kernel gives these values only when it
+    vectorises with FMA (AVX2), so the grid is built here in float64, where `step·i` and the sum are exact, and
+    rounded once to float32.
+    """
+    if steps < 1:
+        raise ValueError(f"linspace needs at least 1 point, got {steps}")
+    start32 = torch.tensor(start, dtype=torch.float32)
+    end32 = torch.tensor(end, dtype=torch.float32)
+    if steps == 1:
+        return start32.reshape(1)
+    step32 = (end32 - start32) / torch.tensor(steps - 1, dtype=torch.float32)
+    idx = torch.arange(steps, dtype=torch.float64)
+    step = step32.double()
+    up = start32.double() + step * idx
+    down = end32.double() - step * (steps - 1 - idx)
+    return torch.where(idx < steps // 2, up, down).float()
+
+
 class FlowMatchScheduler:
     """σ grid, noising, velocity target and Euler step; σ lookups snap to the 1000-entry training table."""
 
@@ -53,9 +75,9 @@ class FlowMatchScheduler:
         self.extra_one_step = extra_one_step
         self.sigma_min = float(sigma_min)
         self.sigma_max = float(sigma_max)
-        self._train_sigmas = self._sigmas(num_train_timesteps)  # float64 [num_train_timesteps]
-        self.train_sigmas = self._train_sigmas.float()
-        self.train_timesteps = (self._train_sigmas * num_train_timesteps).float()  # 1000.0 .. 19.64
+        # The training table, float32 as the reference builds it; σ lookups snap to it (spec §12).
+        self.train_sigmas = self._sigmas(num_train_timesteps)  # float32 [num_train_timesteps]
+        self.train_timesteps = self._timesteps(self.train_sigmas)  # 1000.0 .. 19.64
 
     @classmethod
     def from_config(cls, config: dict | SchedulerConfig) -> FlowMatchScheduler:
@@ -70,24 +92,30 @@ class FlowMatchScheduler:
         )
 
     def _sigmas(self, n: int) -> torch.Tensor:
+        """σ grid of n steps in float32, in the reference's order: linspace, then the shift, each op in float32."""
         if n < 1:
             raise ValueError(f"number of steps must be >= 1, got {n}")
+        sigma_start = self.sigma_min + (self.sigma_max - self.sigma_min) * 1.0  # denoising strength 1
         if self.extra_one_step:
-            s = torch.linspace(self.sigma_max, self.sigma_min, n + 1, dtype=torch.float64)[:-1]
+            s = float32_linspace(sigma_start, self.sigma_min, n + 1)[:-1]
         else:
-            s = torch.linspace(self.sigma_max, self.sigma_min, n, dtype=torch.float64)
+            s = float32_linspace(sigma_start, self.sigma_min, n)
         return self.shift * s / (1 + (self.shift - 1) * s)
 
+    def _timesteps(self, sigmas: torch.Tensor) -> torch.Tensor:
+        return sigmas * self.num_train_timesteps  # float32, as the reference
+
     def sampling_timesteps(self, num_steps: int) -> torch.Tensor:
-        """Timesteps of an n-step sampling run, high to low; with 50 steps every 20th training entry."""
-        return (self._sigmas(num_steps) * self.num_train_timesteps).float()
+        """Timesteps of an n-step sampling run, high to low (float32); with 50 steps every 20th training entry."""
+        return self._timesteps(self._sigmas(num_steps))
 
     def sigma_for(self, t: float | torch.Tensor) -> torch.Tensor:
-        """σ of the nearest training-table timestep (float32, same shape as t)."""
-        t = torch.as_tensor(t, dtype=torch.float64)
-        grid = self._train_sigmas * self.num_train_timesteps
-        idx = (grid.to(t.device)[None, :] - t.reshape(-1, 1)).abs().argmin(dim=1)
-        return self._train_sigmas.to(t.device)[idx].reshape(t.shape).float()
+        """σ of the nearest training-table timestep (float32, same shape as t), compared in float32 as the
+        reference does; the table's own timesteps map to their σ exactly."""
+        t = torch.as_tensor(t).to(torch.float32)
+        grid = self.train_timesteps.to(t.device)
+        idx = (grid[None, :] - t.reshape(-1, 1)).abs().argmin(dim=1)
+        return self.train_sigmas.to(t.device)[idx].reshape(t.shape)
 
     @staticmethod
     def _bcast(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
