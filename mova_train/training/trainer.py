@@ -52,7 +52,7 @@ from mova_train.training.signals import StopFlag
 from mova_train.training.tracking import (
     MetricsWriter,
     ProgressBar,
-    WandbTracker,
+    build_tracker,
     peak_memory_gb,
     setup_logging,
     write_run_files,
@@ -204,7 +204,7 @@ class Trainer:
             }  # fmt: skip
             write_run_files(self.run_dir, self.config_dict, run_info)
             self.metrics = MetricsWriter(self.run_dir, resume_step)
-            self.tracker = WandbTracker(cfg.tracking, self.run_dir, cfg.name, self.config_dict, resume_step)
+            self.tracker = build_tracker(cfg.tracking, self.run_dir, cfg.name, self.config_dict, resume_step)
             self.progress = ProgressBar(cfg.tracking.progress_bar, cfg.trainer.max_steps, self.counters.step)
         barrier()
 
