@@ -165,3 +165,23 @@ def test_a_mismatched_or_missing_init_adapter_is_refused_before_the_model_loads(
     (tmp_path / "empty").mkdir()
     with pytest.raises(LoraError, match="holds no adapter"):
         validate(f"lora.init_from={tmp_path / 'empty'}")
+
+
+def test_tracking_backend_choices_and_the_old_mode_spelling(tmp_path):
+    """(W&B itself, offline, is tested with the distributed runs.)"""
+    from mova_train.training.config import TrackingConfig
+    from mova_train.training.tracking import TensorBoardTracker, Tracker, build_tracker
+
+    with pytest.raises(ConfigValueError, match="tracking.backend.*wandb, tensorboard, none"):
+        TrackingConfig(backend="mlflow").validate()
+    for groups, kind in ((["tracking=disabled"], Tracker), (["tracking.mode=disabled"], Tracker),
+                         (["tracking=tensorboard"], TensorBoardTracker),
+                         (["tracking=offline", "tracking.backend=none"], Tracker)):  # fmt: skip
+        cfg = to_train_config(compose_train(["+experiment=tiny_demo", *groups])).tracking
+        cfg.validate()
+        tracker = build_tracker(cfg, tmp_path, "t", {}, None)
+        try:
+            assert type(tracker) is kind, groups
+            assert (tracker.run is None) == (kind is Tracker)
+        finally:
+            tracker.finish()

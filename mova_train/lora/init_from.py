@@ -39,7 +39,8 @@ class InitAdapter:
     sha256: str
 
 
-_cache: dict[tuple, InitAdapter] = {}  # validation, the fingerprint and the model setup read the same adapter
+# Validation, the fingerprint and the model setup read the same adapter: once, while its files stay the same.
+_cache: dict[tuple, InitAdapter] = {}
 
 
 def read_init_adapter(path: str | os.PathLike) -> InitAdapter:
@@ -49,8 +50,8 @@ def read_init_adapter(path: str | os.PathLike) -> InitAdapter:
     p = Path(path)
     if not p.exists():
         raise LoraError(f"lora.init_from={str(path)!r}: no such file or folder")
-    stat = p.stat()
-    key = (str(p.resolve()), stat.st_mtime_ns, stat.st_size)
+    files = sorted(p.rglob("*.safetensors")) if p.is_dir() else [p]
+    key = (str(p.resolve()), *((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files))
     if key in _cache:
         return _cache[key]
     try:
