@@ -167,6 +167,14 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
                 f"objective.high_noise_ratio={o.high_noise_ratio} never trains {idle}, but lora.targets has it"
             )
 
+    # the adapter to start from: readable and describing the same LoRA (the model is not loaded yet)
+    if lora.init_from:
+        from mova_train.lora.init_from import check_init_compatible, read_init_adapter  # imports peft
+
+        check_init_compatible(
+            read_init_adapter(resolve_path(lora.init_from, field_name="lora.init_from")), lora
+        )
+
     # held-out shards, the DeepSpeed JSON, a resume path
     if cfg.eval.heldout_shards:
         check_shard_spec("eval.heldout_shards", cfg.eval.heldout_shards)

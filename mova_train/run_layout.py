@@ -6,6 +6,7 @@ sampler and `doctor` read it through these functions instead of re-deriving path
       config.yaml                   the resolved config (tracking.write_run_files, with the two below)
       code_version.json, run_info.json  the code's version; the run's layout (world size, ZeRO stage, ...)
       wandb_run_id.txt              the W&B run id, so a resume continues the same W&B run
+      tensorboard/                  TensorBoard event files (tracking.backend=tensorboard)
       metrics.jsonl                 one row per optimizer step
       logs/rank{N}.log              per-rank log
       logs/rank{N}.alive            touched every few seconds while rank N runs (names a stalled peer)
@@ -36,6 +37,7 @@ CONFIG_FILE = "config.yaml"
 CODE_VERSION_FILE = "code_version.json"
 RUN_INFO_FILE = "run_info.json"
 WANDB_ID_FILE = "wandb_run_id.txt"
+TENSORBOARD_DIR = "tensorboard"
 METRICS_FILE = "metrics.jsonl"
 LOGS_DIR = "logs"
 EVAL_DIR = "eval"

@@ -35,6 +35,9 @@ class LoraConfig:
     init: str = "default"  # one of INIT_OPTIONS
     targets: dict[str, list[str]] = field(default_factory=dict)
     layers: list[int] | None = None  # restrict to these block indices (None = all blocks)
+    # Start from this adapter instead of `init` (see init_from.py): an adapter file or folder, a PEFT export, a
+    # checkpoint or run folder. Not part of the adapter's own description (lora_config_to_dict leaves it out).
+    init_from: str | None = None
 
 
 def validate_lora_config(cfg: LoraConfig) -> LoraConfig:
@@ -92,12 +95,19 @@ def validate_lora_config(cfg: LoraConfig) -> LoraConfig:
                 raise LoraError(f"lora.layers must hold non-negative block indices, got {i!r}")
         if len(set(layers)) != len(layers):
             raise LoraError(f"lora.layers lists a block twice: {layers}")
+    if cfg.init_from is not None and (not isinstance(cfg.init_from, str) or not cfg.init_from.strip()):
+        raise LoraError(f"lora.init_from must be an adapter path or null, got {cfg.init_from!r}")
     return cfg
 
 
 def lora_config_to_dict(cfg: LoraConfig) -> dict[str, Any]:
-    """Plain JSON-able dict with deterministic ordering (targets' components sorted, presets as given)."""
+    """Plain JSON-able dict with deterministic ordering (targets' components sorted, presets as given).
+
+    Describes the adapter itself, so `init_from` (where a run started from) is left out: adapter metadata and
+    exports carry no local path, and a run's fingerprint records the starting adapter's content hash instead.
+    """
     d = dataclasses.asdict(cfg)
+    del d["init_from"]
     d["targets"] = {k: list(d["targets"][k]) for k in sorted(d["targets"])}
     d["alpha"] = float(d["alpha"])
     d["dropout"] = float(d["dropout"])

@@ -36,6 +36,7 @@ from mova_train.lora import (
     as_lora_config,
     base_identity,
     lora_config_to_dict,
+    read_init_adapter,
     save_adapters,
 )
 from mova_train.training import checkpoint as ckpt_io
@@ -203,10 +204,15 @@ class Checkpointer:
                     "the base checkpoint's codec identity is unknown (%s): shards are not checked", e
                 )
             shards = resolve_shards(cfg.data.shards).fingerprint()
+            init = None
+            if cfg.lora.init_from:  # its content, not its path, decides whether a run may resume
+                init = read_init_adapter(resolve_path(cfg.lora.init_from, field_name="lora.init_from")).sha256
         else:
-            ident = codecs = shards = None
+            ident = codecs = shards = init = None
         # base_identity / codec_identity: what adapters and shards are checked against (rank 0 reads, all get it)
-        self.base_identity, self.codec_identity, shards = broadcast_object((ident, codecs, shards))
+        self.base_identity, self.codec_identity, shards, init_sha = broadcast_object(
+            (ident, codecs, shards, init)
+        )
         self.fingerprint_now = flatten(
             {
                 # Not the ZeRO stage, the world size or the loader workers: the saved state is consolidated and
@@ -220,6 +226,7 @@ class Checkpointer:
                 "components": list(components),
                 "base_identity": self.base_identity,
                 "lora": lora_config_to_dict(as_lora_config(cfg.lora)),
+                "lora_init_from_sha256": init_sha,  # the adapter the run started from (lora.init_from)
                 "data_shards": shards,
                 "batch_size": cfg.data.batch_size,
                 "seed": cfg.trainer.seed,

@@ -25,6 +25,7 @@ MIXED_PRECISIONS = ("auto", "no", "bf16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw",)
 TRACKING_MODES = ("online", "offline", "disabled")
+TRACKING_BACKENDS = ("wandb", "tensorboard", "none")
 SUPPORTED_ZERO_STAGES = (2, 3)
 
 
@@ -163,8 +164,10 @@ def check_deepspeed_json(ds: Any, *, where: str) -> dict:
 
 @dataclass
 class TrackingConfig:
-    """Hydra group `tracking`: Weights & Biases and the console."""
+    """Hydra group `tracking`: the tracker (Weights & Biases, TensorBoard or none) and the console.
+    `mode` is W&B's; `mode=disabled` means no tracker with the W&B backend (what it always meant)."""
 
+    backend: str = "wandb"  # wandb | tensorboard (event files in <run_dir>/tensorboard/) | none
     mode: str = "online"  # online | offline (no network; sync later with `wandb sync`) | disabled
     project: str = "mova-train"
     entity: str | None = None
@@ -173,6 +176,7 @@ class TrackingConfig:
     progress_bar: bool = True
 
     def validate(self) -> None:
+        check_choice("tracking.backend", self.backend, TRACKING_BACKENDS)
         check_choice("tracking.mode", self.mode, TRACKING_MODES)
         if not isinstance(self.project, str) or not self.project:
             fail("tracking.project", self.project, "expected a W&B project name")
@@ -269,6 +273,7 @@ __all__ = [
     "OPTIMIZERS",
     "SUPPORTED_ZERO_STAGES",
     "TIMESTEP_SAMPLINGS",
+    "TRACKING_BACKENDS",
     "TRACKING_MODES",
     "DeepSpeedConfig",
     "EvalConfig",

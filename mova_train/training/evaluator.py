@@ -17,7 +17,7 @@ from mova_train.codecs import load_codecs
 from mova_train.config import TrainConfig, resolve_path
 from mova_train.data.config import DataConfig
 from mova_train.data.loader import build_loader
-from mova_train.sampling.evaluate import heldout_loss, log_renders_to_wandb, render_eval, sync_summary
+from mova_train.sampling.evaluate import heldout_loss, render_eval, sync_summary
 from mova_train.training.distributed import barrier
 from mova_train.training.objective import FlowMatchingObjective
 
@@ -82,7 +82,7 @@ class Evaluator:
             steps=ev.steps, cfg_scale=ev.cfg_scale,
         )  # fmt: skip
         if tracker is not None and tracker.run is not None:
-            log_renders_to_wandb(records, step=step, run=tracker.run)
+            tracker.log_renders(records, step=step)
         return {"renders": len(records), **sync_summary(records)}
 
     def heldout_loss(self) -> dict:

@@ -1,5 +1,6 @@
 """What a run shows and keeps: per-rank log files, the resolved config and code version in the run directory,
-`metrics.jsonl` (one JSON object per optimizer step), Weights & Biases and a rank-0 progress bar.
+`metrics.jsonl` (one JSON object per optimizer step), a tracker (`tracking.backend`: Weights & Biases, TensorBoard
+or none) and a rank-0 progress bar.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from mova_train.run_layout import (
     LOGS_DIR,
     METRICS_FILE,
     RUN_INFO_FILE,
+    TENSORBOARD_DIR,
     WANDB_ID_FILE,
 )
 from mova_train.training.config import TrackingConfig
@@ -137,7 +139,43 @@ def _finite_or_str(obj: Any) -> Any:
     return obj
 
 
-class WandbTracker:
+def scalar_metrics(row: dict) -> dict[str, float | int]:
+    """A metrics.jsonl row as tracker scalars: every number under `train/` (booleans as 0/1), plus
+    `train/expert_is_high_noise` and `train/loss_<expert>`, one loss curve per expert (each has its own noise range).
+    Lists (per-sample timesteps) stay in metrics.jsonl only."""
+    flat: dict[str, float | int] = {}
+    for k, v in row.items():
+        if isinstance(v, bool):
+            flat[f"train/{k}"] = int(v)
+        elif isinstance(v, (int, float)) and k != "step":
+            flat[f"train/{k}"] = v
+        elif k == "expert":
+            flat["train/expert_is_high_noise"] = int(v == HIGH_NOISE_EXPERT)
+            if v in EXPERTS and isinstance(row.get("loss"), float):
+                flat[f"train/loss_{v}"] = row["loss"]
+    return flat
+
+
+class Tracker:
+    """No tracker (`tracking.backend=none`, or W&B with `tracking.mode=disabled`); the base of the others.
+    `run` is None when nothing is logged (the Evaluator skips its tracker work then)."""
+
+    run: Any = None
+
+    def log(self, row: dict, step: int) -> None:
+        """One metrics.jsonl row (main process)."""
+
+    def log_media(self, items: dict, step: int) -> None:
+        """Evaluation figures, `eval/<name>` -> value."""
+
+    def log_renders(self, records: list[dict], step: int) -> None:
+        """Evaluation renders (mova_train.sampling.render_eval's records)."""
+
+    def finish(self) -> None:
+        """Flush and close."""
+
+
+class WandbTracker(Tracker):
     """W&B on the main process. Offline runs write under `<run_dir>/wandb/` and never touch the network; a
     resumed run continues the same W&B run (its id is kept in the run dir)."""
 
@@ -171,28 +209,88 @@ class WandbTracker:
         self.resume_step = resume_step
 
     def log(self, row: dict, step: int) -> None:
-        if self.run is None:
-            return
-        flat = {}
-        for k, v in row.items():
-            if isinstance(v, bool):
-                flat[f"train/{k}"] = int(v)
-            elif isinstance(v, (int, float)) and k != "step":
-                flat[f"train/{k}"] = v
-            elif k == "expert":
-                flat["train/expert_is_high_noise"] = int(v == HIGH_NOISE_EXPERT)
-                if v in EXPERTS and isinstance(row.get("loss"), float):
-                    flat[f"train/loss_{v}"] = row["loss"]  # one curve per expert (its own noise range)
-        self.run.log(flat, step=step)
+        if self.run is not None:
+            self.run.log(scalar_metrics(row), step=step)
 
     def log_media(self, items: dict, step: int) -> None:
         if self.run is not None and items:
             self.run.log(items, step=step)
 
+    def log_renders(self, records: list[dict], step: int) -> None:
+        from mova_train.sampling.evaluate import log_renders_to_wandb
+
+        if self.run is not None:
+            log_renders_to_wandb(records, step=step, run=self.run)
+
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+class TensorBoardTracker(Tracker):
+    """TensorBoard event files under `<run_dir>/tensorboard/` (main process): the same scalars as W&B, evaluation
+    figures, and per render its contact sheet (frames, waveform, spectrogram, A/V sync) as an image and its
+    soundtrack as audio. TensorBoard cannot play a video with sound, so the mp4 itself stays in `<run_dir>/eval/`.
+    A resumed run purges the events written after its checkpoint's step, as metrics.jsonl drops those rows."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:  # torch's writer needs the tensorboard package
+            raise RuntimeError(f"tracking.backend=tensorboard needs the tensorboard package: {e}") from e
+
+        purge = resume_step + 1 if resume_step is not None else None
+        self.run = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR), purge_step=purge)
+
+    def log(self, row: dict, step: int) -> None:
+        for tag, value in scalar_metrics(row).items():
+            self.run.add_scalar(tag, value, global_step=step)
+        self.run.flush()
+
+    def log_media(self, items: dict, step: int) -> None:
+        for tag, value in items.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.run.add_scalar(tag, value, global_step=step)
+        self.run.flush()
+
+    def log_renders(self, records: list[dict], step: int, prefix: str = "eval") -> None:
+        import numpy as np
+        from PIL import Image
+
+        from mova_train.media import read_audio
+
+        for i, record in enumerate(records):
+            key = f"{prefix}/{i:02d}"
+            if record.get("contact_sheet"):
+                with Image.open(record["contact_sheet"]) as im:
+                    sheet = np.asarray(im.convert("RGB"))
+                self.run.add_image(f"{key}/contact_sheet", sheet, global_step=step, dataformats="HWC")
+            audio, rate = read_audio(record["mp4"])
+            if audio is not None and audio.size:  # mono float32 [S]
+                sound = torch.from_numpy(audio).clamp(-1, 1)
+                self.run.add_audio(f"{key}/audio", sound, global_step=step, sample_rate=rate)
+            if record.get("av_offset_s") is not None:
+                self.run.add_scalar(f"{key}/av_offset_ms", 1000.0 * record["av_offset_s"], global_step=step)
+            self.run.add_scalar(f"{key}/av_confidence", record.get("av_confidence", 0.0), global_step=step)
+            self.run.add_text(f"{key}/prompt", record.get("prompt", ""), global_step=step)
+        self.run.flush()
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.close()
+            self.run = None
+
+
+def build_tracker(
+    cfg: TrackingConfig, run_dir: Path, default_name: str, config: dict, resume_step: int | None
+) -> Tracker:
+    """The tracker `tracking.backend` names; `tracking.mode` is W&B's (`disabled`: no tracker, as before)."""
+    if cfg.backend == "tensorboard":
+        return TensorBoardTracker(run_dir, resume_step)
+    if cfg.backend == "wandb" and cfg.mode != "disabled":
+        return WandbTracker(cfg, run_dir, default_name, config, resume_step)
+    return Tracker()
 
 
 class ProgressBar:

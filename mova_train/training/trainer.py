@@ -31,7 +31,7 @@ from mova_train.config import (
     validate_config,
 )
 from mova_train.data.loader import build_loader
-from mova_train.lora import apply_lora, as_lora_config
+from mova_train.lora import apply_lora, as_lora_config, load_init_adapter
 from mova_train.models import FlowMatchScheduler, set_activation_checkpointing
 from mova_train.models.checkpoint import load_mova
 from mova_train.run_layout import list_checkpoints, samples_file
@@ -52,7 +52,7 @@ from mova_train.training.signals import StopFlag
 from mova_train.training.tracking import (
     MetricsWriter,
     ProgressBar,
-    WandbTracker,
+    build_tracker,
     peak_memory_gb,
     setup_logging,
     write_run_files,
@@ -135,6 +135,9 @@ class Trainer:
             p.requires_grad_(False)
         torch.manual_seed(cfg.trainer.seed)  # the same LoRA initialisation on every rank
         self.targets = apply_lora(model, as_lora_config(cfg.lora))
+        if cfg.lora.init_from and self.checkpointer.resume_from is None:  # a resume's own adapters come first
+            init = resolve_path(cfg.lora.init_from, field_name="lora.init_from")
+            load_init_adapter(model, init, cfg.lora, expected_base_identity=self.checkpointer.base_identity)
         if cfg.model.activation_checkpointing:
             set_activation_checkpointing(model, enabled=True)
         model.train()
@@ -156,9 +159,7 @@ class Trainer:
 
     def build_backend(self) -> None:
         cfg = self.cfg
-        self.optimizer = build_optimizer(
-            self.model, cfg.optim
-        )  # trainable parameters, one group per component
+        self.optimizer = build_optimizer(self.model, cfg.optim)  # trainable params, a group per component
         self.backend = build_backend(
             self.accelerator, self.model, self.optimizer, ds_config=self.ds_config,
             mixed_precision=self.mixed_precision, max_grad_norm=cfg.optim.max_grad_norm,
@@ -204,7 +205,7 @@ class Trainer:
             }  # fmt: skip
             write_run_files(self.run_dir, self.config_dict, run_info)
             self.metrics = MetricsWriter(self.run_dir, resume_step)
-            self.tracker = WandbTracker(cfg.tracking, self.run_dir, cfg.name, self.config_dict, resume_step)
+            self.tracker = build_tracker(cfg.tracking, self.run_dir, cfg.name, self.config_dict, resume_step)
             self.progress = ProgressBar(cfg.tracking.progress_bar, cfg.trainer.max_steps, self.counters.step)
         barrier()
 
@@ -347,9 +348,7 @@ class Trainer:
             return next(self.batches)
 
     def log_step(self, row: dict) -> None:
-        self.sample_log.write(
-            {"step": row["step"], "keys": row.pop("_keys")}
-        )  # every rank: which clips it used
+        self.sample_log.write({"step": row["step"], "keys": row.pop("_keys")})  # every rank: its clips
         if not self.is_main:
             return
         public = {k: v for k, v in row.items() if not k.startswith("_")}
