@@ -37,10 +37,6 @@ log = logging.getLogger(__name__)
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FORMAT = "mova-train-lora"
-# export --format peft: one folder per component holding these two files (PEFT's own names)
-PEFT_WEIGHTS = "adapter_model.safetensors"
-PEFT_CONFIG = "adapter_config.json"
-_PEFT_PREFIX = "base_model.model."
 FORMAT_VERSION = "1"
 
 # Metadata keys the trainer should pass to save_adapters (all values are strings).
@@ -263,59 +259,3 @@ def check_base_identity(metadata: dict[str, Any], expected: str | None, *, sourc
             f"{source} was trained on another base checkpoint: it records base identity {recorded}, "
             f"this base is {expected}"
         )
-
-
-def is_peft_export(path: str | os.PathLike) -> bool:
-    """Whether `path` is a folder as `export --format peft` writes it: `<component>/adapter_model.safetensors`."""
-    from mova_train.names import COMPONENTS
-
-    p = Path(path)
-    return p.is_dir() and any((p / c / PEFT_WEIGHTS).is_file() for c in COMPONENTS)
-
-
-def load_peft_export(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], LoraConfig, dict[str, str]]:
-    """(canonical state, LoraConfig, metadata) of an `export --format peft` folder (one PEFT folder per component).
-
-    Reads the LoRA config from the metadata mova-train writes into every file (all components must agree), maps
-    PEFT's `base_model.model.<path>.lora_A.weight` names back to canonical keys and validates like load_adapters.
-    """
-    from mova_train.names import COMPONENTS, adapter_key
-
-    folder = Path(path)
-    state: dict[str, torch.Tensor] = {}
-    cfg_text, metadata = None, {}
-    for component in COMPONENTS:
-        file = folder / component / PEFT_WEIGHTS
-        if not file.is_file():
-            continue
-        tensors, meta = read_safetensors(file)
-        if meta.get("mova_train_format") != "peft" or "lora_config" not in meta:
-            raise AdapterFormatError(
-                f"{file}: no mova-train metadata (mova_train_format=peft, lora_config); only PEFT folders written "
-                "by `mova_train.cli.export --format peft` can be read"
-            )
-        if cfg_text is not None and meta["lora_config"] != cfg_text:
-            raise AdapterFormatError(f"{file}: its lora_config differs from the other components' files")
-        cfg_text = meta["lora_config"]
-        metadata = {k: v for k, v in meta.items() if k not in ("component", "mova_train_format")}
-        for key, value in tensors.items():
-            if not key.startswith(_PEFT_PREFIX):
-                raise AdapterFormatError(f"{file}: key {key!r} does not start with {_PEFT_PREFIX!r}")
-            rest = key[len(_PEFT_PREFIX) :]
-            if rest.endswith(".lora_magnitude_vector"):
-                module, part = rest[: -len(".lora_magnitude_vector")], "lora_magnitude_vector"
-            elif rest.endswith((".lora_A.weight", ".lora_B.weight")):
-                module, part = rest[: -len(".lora_A.weight")], rest[-len("lora_A.weight") : -len(".weight")]
-            else:
-                raise AdapterFormatError(f"{file}: key {key!r} is not a LoRA weight")
-            state[adapter_key(component, module, part)] = value
-    if cfg_text is None:
-        raise AdapterFormatError(f"{folder} holds no <component>/{PEFT_WEIGHTS}")
-    try:
-        cfg = lora_config_from_dict(json.loads(cfg_text), where=f"{folder} lora_config")
-    except json.JSONDecodeError as e:
-        raise AdapterFormatError(f"{folder}: metadata 'lora_config' is not valid JSON: {e}") from e
-    except LoraError as e:
-        raise AdapterFormatError(str(e)) from e
-    check_adapter_state(state, cfg, source=str(folder))
-    return state, cfg, metadata

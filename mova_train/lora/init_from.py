@@ -1,7 +1,8 @@
 """`lora.init_from`: a new run's adapters start from an existing adapter instead of `lora.init`.
 
-Accepted: what `export --format mova|peft` writes, an adapter folder or `.safetensors` file, a training checkpoint
-(its `adapter/`) or a run folder (its latest complete checkpoint). The adapter must describe the same LoRA as the
+Accepted: whatever `export` writes (read by `mova_train.lora.formats`; a `diffsynth` file has alpha/rank baked into
+lora_B, so it matches only a run with alpha = rank), a training checkpoint (its `adapter/`) or a run folder (its
+latest complete checkpoint). The adapter must describe the same LoRA as the
 run's `lora` group (rank, alpha, rsLoRA, DoRA, targets, layers); otherwise it is refused naming the fields that
 differ. Only the adapter weights are copied: the frozen base is never touched. Its identity is the sha256 of its
 tensors (names, dtypes, shapes, bytes), so the same adapter in another format or folder has the same identity.
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from mova_train.lora.adapters import check_base_identity, is_peft_export, load_peft_export
+from mova_train.lora.adapters import check_base_identity
 from mova_train.lora.config import LoraConfig, LoraError, as_lora_config
 from mova_train.lora.inject import DEFAULT_ADAPTER, load_lora_state_dict
 
@@ -55,12 +56,8 @@ def read_init_adapter(path: str | os.PathLike) -> InitAdapter:
     if key in _cache:
         return _cache[key]
     try:
-        if is_peft_export(p):
-            state, cfg, metadata = load_peft_export(p)
-            origin = str(p)
-        else:
-            source = load_adapter_source(p)
-            state, cfg, metadata, origin = source.state, source.cfg, source.metadata, source.origin
+        source = load_adapter_source(p)
+        state, cfg, metadata, origin = source.state, source.cfg, source.metadata, source.origin
     except (LoraError, OSError) as e:
         raise LoraError(f"lora.init_from={str(path)!r}: {e}") from e
     _cache.clear()
