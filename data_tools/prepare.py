@@ -33,7 +33,7 @@ from data_tools.distributed import DistContext, distributed_context
 from data_tools.encode import add_encode_options, encode, options_from_args, plan_digest
 from data_tools.plan import add_plan_options, largest_fitting_frames, plan, plan_kwargs
 from data_tools.report import count_reasons, plan_report_rows, skip_kind, summary_line
-from data_tools.scan import add_scan_options, scan
+from data_tools.scan import add_scan_options, scan, summarize_sources
 from data_tools.shards import PROGRESS_DIR
 from mova_train.names import MODEL_INDEX_NAME
 
@@ -251,6 +251,7 @@ def scan_and_plan(
         default_caption=args.default_caption,
         workers=args.workers,
     )
+    log(summarize_sources(sources))
     plan_rows = plan(sources, **kwargs)
     for row in plan_rows:
         if row["status"] == "kept":

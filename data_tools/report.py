@@ -108,12 +108,6 @@ LEFTOVER_REASONS = {
 }
 # reasons of `plan` rows for clips the user asked to drop (--skip-silent, --skip-frozen)
 FILTER_REASONS = {"silent (": "silent", "frozen picture": "frozen picture"}
-KIND_TITLES = {
-    "leftover": "leftovers",
-    "filtered": "clips dropped by --skip-silent/--skip-frozen",
-    "file": "skipped files",
-    "failed": "clips that failed to encode",
-}
 
 
 def skip_kind(row: dict) -> str:
@@ -160,18 +154,27 @@ def summary_line(rows: list[dict]) -> str:
     for r in rows:
         if r["status"] != "kept":
             kinds.setdefault(skip_kind(r), []).append(r)
-    parts = [f"kept {len(kept)} clips from {len({r['source'] for r in kept})} files"]
-    for kind in ("leftover", "filtered", "file", "failed"):
+    parts = [f"kept {_count(len(kept), 'clip')} from {_count(len({r['source'] for r in kept}), 'file')}"]
+    for kind, text in (
+        ("leftover", "{}"),
+        ("filtered", "dropped {}"),
+        ("file", "skipped {}"),
+        ("failed", "{} failed to encode"),
+    ):
         group = kinds.get(kind)
         if not group:
             continue
         counts = ", ".join(f"{label}: {n}" for label, n, _ in count_reasons(group))
         if kind == "file":
-            files = {r["source"] for r in group}
-            parts.append(f"skipped {len(files)} files ({counts})")
+            number = _count(len({r["source"] for r in group}), "file")
         else:
-            parts.append(f"{len(group)} {KIND_TITLES[kind]} ({counts})")
+            number = _count(len(group), "leftover" if kind == "leftover" else "clip")
+        parts.append(f"{text.format(number)} ({counts})")
     return "; ".join(parts)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def format_report(rows: list[dict]) -> str:

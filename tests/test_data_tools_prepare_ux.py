@@ -15,7 +15,7 @@ import pytest
 
 from data_tools.__main__ import main
 from data_tools.plan import plan
-from data_tools.prepare import check_trigger_word, with_trigger_word
+from data_tools.prepare import check_trigger_word, explain_plan, with_trigger_word
 from data_tools.scan import scan
 
 pytest.register_assert_rewrite("tests.fixtures_data")
@@ -98,6 +98,28 @@ def test_a_plan_that_keeps_nothing_explains_why_and_the_hinted_frames_fit(
         if r["status"] == "kept"
     }
     assert hinted < half and len(kept_by_half) >= 2
+
+    # a plan that keeps some clips but under half the usable footage is explained too (and goes on)
+    partial = hinted + 8
+    rows = plan(sources, num_frames=partial, fps=FPS, buckets=BUCKETS)
+    kept_s = sum(r["end_s"] - r["start_s"] for r in rows if r["status"] == "kept")
+    assert 0 < kept_s < 0.5 * sum(s["duration_s"] for s in sources if s["status"] == "ok")
+    text = explain_plan(sources, rows, out, num_frames=partial, fps=FPS)
+    short = sum(
+        1 for r in rows if "shorter than one clip (" in r["reason"] and r["reason"].startswith("source has")
+    )
+    assert f"files skipped, shorter than one clip: {short} (e.g. clip0.mp4" in text
+    assert f"--frames {hinted} " in text and f"python -m data_tools report {out}" in text
+    assert (
+        explain_plan(
+            sources,
+            plan(sources, num_frames=hinted, fps=FPS, buckets=BUCKETS),
+            out,
+            num_frames=hinted,
+            fps=FPS,
+        )
+        is None
+    )
 
     # the report command it names works on the tables it left
     assert main(["report", str(out)]) == 0
