@@ -1,5 +1,9 @@
 """`data_tools report FOLDER`: the kept/skipped summary of a prepared shard folder, every skip with its reason and
 source file (from FOLDER/report.jsonl, or from the sources table and clip plan when encoding has not run yet).
+
+Skips come in kinds, counted apart: leftovers (the tail or a gap of a file that gave clips: ordinary planning),
+clips dropped by --skip-silent/--skip-frozen, skipped files (unusable or too short, with the reason) and clips
+that failed to encode.
 """
 
 from __future__ import annotations
