@@ -31,7 +31,7 @@ from data_tools.common import (
 )
 from data_tools.distributed import DistContext, distributed_context
 from data_tools.encode import add_encode_options, encode, options_from_args, plan_digest
-from data_tools.plan import add_plan_options, largest_fitting_frames, plan, plan_kwargs
+from data_tools.plan import add_plan_options, default_max_shift, largest_fitting_frames, plan, plan_kwargs
 from data_tools.report import count_reasons, plan_report_rows, skip_kind, summary_line
 from data_tools.scan import add_scan_options, scan, summarize_sources
 from data_tools.shards import PROGRESS_DIR
@@ -142,7 +142,10 @@ def check_same_options(out: Path, options: dict) -> None:
     if not holds_shards(out):
         return
     previous = existing_options(out)
-    changed = [k for k in options if k in previous and previous[k] != options[k]]
+    old, new = _resolved(previous), _resolved(options)
+    # an option listed only when the user's values differ and so do their effects: `--stride 193` repeats the
+    # default of --frames 193, and a default that follows a changed --frames is not a change of its own
+    changed = [k for k in options if k in previous and previous[k] != options[k] and old.get(k) != new.get(k)]
     if changed:
         details = "; ".join(
             f"{k}: {_show(previous[k])} (existing) vs {_show(options[k])} (now)" for k in changed
@@ -176,6 +179,19 @@ def _clips_by_source(rows: list[dict]) -> dict[str, str]:
     for r in rows:
         by.setdefault(r["relpath"], []).append({k: v for k, v in r.items() if k != "path"})
     return {k: plan_digest(v) for k, v in by.items()}
+
+
+def _resolved(options: dict) -> dict:
+    """The options with the defaults that depend on --frames/--fps filled in (None = default)."""
+    resolved = dict(options)
+    frames, fps = options.get("--frames"), options.get("--fps")
+    if frames is not None and fps is not None:
+        for key in ("--stride", "--min-frames"):
+            if resolved.get(key) is None:
+                resolved[key] = frames
+        if resolved.get("--max-shift") is None:
+            resolved["--max-shift"] = default_max_shift(frames, fps)
+    return resolved
 
 
 def _show(value) -> str:

@@ -207,3 +207,33 @@ def test_trigger_word_format():
     for bad in ("", " sks", "two\nlines"):
         with pytest.raises(ValueError, match="--trigger-word"):
             check_trigger_word(bad)
+
+
+def test_options_are_compared_by_their_effect(tmp_path):
+    from data_tools.__main__ import build_parser
+    from data_tools.common import DataToolsError
+    from data_tools.prepare import PREPARE_NAME, check_same_options, prepare_options
+
+    parser = build_parser()
+
+    def options(*extra: str) -> dict:
+        args = parser.parse_args(["prepare", "in", "--checkpoint", "ckpt", "--out", "out", *extra])
+        return prepare_options(args, world_size=1)
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / PREPARE_NAME).write_text(json.dumps({"options": options("--frames", "17")}), encoding="utf-8")
+    check_same_options(
+        out, options("--frames", "21")
+    )  # only tables in the folder: planned again, not refused
+    (out / "_progress").mkdir()
+    # the default spelled out is the same run
+    check_same_options(out, options("--frames", "17", "--stride", "17", "--min-frames", "17"))
+    with pytest.raises(DataToolsError) as caught:
+        check_same_options(out, options("--frames", "21", "--stride", "17"))
+    message = str(caught.value)
+    # --stride 17 is what the default stride was: only --frames changed
+    assert "--frames: 17 (existing) vs 21 (now)" in message and "--stride" not in message
+    (out / PREPARE_NAME).write_text(json.dumps({"options": options("--buckets", "32x64")}), encoding="utf-8")
+    with pytest.raises(DataToolsError, match=r"--buckets: '32x64' \(existing\) vs '64x32' \(now\)"):
+        check_same_options(out, options("--buckets", "64x32"))
