@@ -287,6 +287,38 @@ def plan(
     return rows
 
 
+# --------------------------------------------------------------------------------------------------------------
+# which --frames would fit (the hint `prepare` prints when the plan drops most of the input)
+
+FRAME_STEP = (
+    4  # the video VAE's temporal stride: valid frame counts are FRAME_STEP * k + 1 (see check_frames)
+)
+
+
+def usable_span(row: dict, fps: float) -> tuple[float, float]:
+    """(start, end) in video seconds where a usable source has both video and audio, start on the clip frame grid:
+    the span `plan_source` cuts clips from (a clip fits when end - start >= frames / fps)."""
+    audio_lo = float(row["audio_start_s"]) - float(row["video_start_s"])
+    audio_hi = audio_lo + float(row["audio_duration_s"])
+    lo, hi = max(0.0, audio_lo), min(float(row["duration_s"]), audio_hi + AUDIO_SLACK_S)
+    return math.ceil(lo * fps - EPS) / fps, hi
+
+
+def largest_fitting_frames(sources: list[dict], fps: float, *, share: float = 1.0) -> int | None:
+    """The largest valid --frames (4k + 1) that keeps at least one clip from at least `share` (0-1] of the sources
+    scan accepted; None when there are none or not even one frame fits."""
+    spans = sorted(
+        max(0.0, hi - lo) for lo, hi in (usable_span(r, fps) for r in sources if r.get("status") == "ok")
+    )
+    if not spans:
+        return None
+    needed = max(1, math.ceil(share * len(spans) - EPS))
+    # the same test as plan_source: a clip of n frames fits a span when n / fps <= span + EPS
+    frames = int(math.floor((spans[len(spans) - needed] + EPS) * fps))
+    frames -= (frames - 1) % FRAME_STEP
+    return frames if frames >= 1 else None
+
+
 def add_plan_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fps", type=float, default=DEFAULT_FPS, help=f"clip frame rate (default {DEFAULT_FPS:g})"

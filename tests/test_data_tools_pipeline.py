@@ -192,7 +192,9 @@ def test_rerun_on_a_finished_folder_changes_nothing_and_other_options_are_refuse
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.tar")} == before
     proc = run_data_tools(*args, "--latent-dtype", "float32", check=False)
     assert proc.returncode == 2
-    assert "different run" in proc.stderr and "latent_dtype" in proc.stderr and "Traceback" not in proc.stderr
+    assert (
+        "different run" in proc.stderr and "--latent-dtype" in proc.stderr and "Traceback" not in proc.stderr
+    )
     assert shard_files(out) == shard_files(prepared.out)
 
 
