@@ -23,6 +23,7 @@ from mova_train.sampling import (
     RenderInterrupted,
     checkpoint_sampling_defaults,
     generate,
+    heldout_loss,
     load_pipeline,
     sampling_defaults,
 )
@@ -113,6 +114,9 @@ def test_a_stop_request_abandons_the_render_between_denoising_steps(tiny_checkpo
             progress=False, should_stop=should_stop,
         )  # fmt: skip
     assert (e.value.steps_done, e.value.steps_total) == (2, 6) and len(asked) == 3
+    # the held-out loss of an evaluation asks before every batch
+    with pytest.raises(RenderInterrupted, match="held-out loss abandoned after 0 of 8 batches"):
+        heldout_loss(pipeline.model, iter([object()]), max_batches=8, should_stop=lambda: True)
 
 
 def _validated(tiny_checkpoint, shards, tmp_path, *extra):
@@ -153,14 +157,17 @@ def test_the_step_0_baseline_renders_each_prompt_with_its_image(
 ):
     prompts = f"eval.prompts=[{{prompt: a dog barks, image: '{reference_png}', seed: 3}}, {{prompt: a dog barks, seed: 3}}]"
     result = run(compose_train(tiny_overrides(
-        tiny_checkpoint, one_clip, tmp_path / "run", "trainer.max_steps=1", "eval.at_start=true", "eval.every=1",
-        "eval.steps=1", prompts, *SMALL_EVAL,
+        tiny_checkpoint, one_clip, tmp_path / "run", "trainer.max_steps=1", "eval.at_start=true",
+        "eval.steps=1", "eval.cfg_scale=1", prompts,
     )))  # fmt: skip
     assert result.step == 1
     eval_dir = tmp_path / "run" / "eval"
     rows = [json.loads(line) for line in (eval_dir / "eval.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1] and all(r["renders"] == 2 for r in rows)
+    assert [r["step"] for r in rows] == [0] and rows[0]["renders"] == 2  # at_start alone: the baseline only
     baseline = json.loads((eval_dir / "step-000000" / "renders.json").read_text())
+    sizes = {k: baseline["sampling"][k] for k in ("num_frames", "height", "width", "steps")}
+    tiny = TINY_DEFAULTS  # sizes left unset follow the checkpoint; eval.steps was set
+    assert sizes == {"num_frames": tiny.num_frames, "height": tiny.height, "width": tiny.width, "steps": 1}
     with_image, grey = baseline["renders"]
     assert with_image["image"] == str(reference_png.resolve()) and grey["image"] == "grey"
     assert with_image["seed"] == grey["seed"] == 3

@@ -12,10 +12,14 @@ log = logging.getLogger(__name__)
 
 
 class RenderInterrupted(Exception):
-    """`should_stop` answered True before a denoising step: the renders were abandoned, nothing was decoded."""
+    """`should_stop` answered True before a denoising step (or a held-out batch): the work was abandoned, nothing
+    of it was decoded or written."""
 
-    def __init__(self, steps_done: int, steps_total: int):
-        super().__init__(f"render abandoned after {steps_done} of {steps_total} denoising steps")
+    def __init__(
+        self, steps_done: int, steps_total: int | None, what: str = "render", unit: str = "denoising steps"
+    ):
+        of = "" if steps_total is None else f" of {steps_total}"
+        super().__init__(f"{what} abandoned after {steps_done}{of} {unit}")
         self.steps_done, self.steps_total = steps_done, steps_total
 
 

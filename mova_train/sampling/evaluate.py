@@ -17,7 +17,7 @@ import torch
 
 from mova_train.checkpoint_io import write_json_atomic
 from mova_train.models import FlowMatchScheduler, expert_for_timestep
-from mova_train.sampling.control import StepClock
+from mova_train.sampling.control import RenderInterrupted, StepClock
 from mova_train.sampling.defaults import sampling_defaults
 from mova_train.sampling.inputs import PromptItem, SamplingError
 from mova_train.sampling.pipeline import MovaPipeline
@@ -194,6 +194,7 @@ def heldout_loss(
     max_batches: int | None = None,
     video_fps: float = 24.0,
     loss_weights: dict[str, float] | None = None,
+    should_stop=None,
 ) -> dict[str, float]:
     """The training objective (spec §12, §16) on held-out batches at fixed timesteps and fixed noise.
 
@@ -202,7 +203,8 @@ def heldout_loss(
     listed in `timestep_indices`, with the expert the router picks for it and noise from a CPU generator seeded by
     (seed, batch index), so the figure only moves when the model does. The loss is the training formula
     (`FlowMatchScheduler.loss`) with `loss_weights` (the objective's `loss_weights`; default 1 and 1). Returns mean
-    loss, its video/audio parts, and the mean per expert.
+    loss, its video/audio parts, and the mean per expert. `should_stop` is asked before every batch; True abandons
+    the measure (RenderInterrupted).
     """
     if build_condition is None:
         from mova_train.codecs import build_i2v_condition as build_condition
@@ -224,6 +226,8 @@ def heldout_loss(
             for batch_index, batch in enumerate(batches):
                 if max_batches is not None and batch_index >= max_batches:
                     break
+                if should_stop is not None and should_stop():
+                    raise RenderInterrupted(batch_index, max_batches, "held-out loss", "batches")
                 device = _first_param(model).device
                 dtype = _first_param(model).dtype
                 x0_video = batch.video.to(device=device, dtype=torch.float32)  # [B, 16, T, h, w]

@@ -75,7 +75,7 @@ class Evaluator:
                 with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                     if self.ev.prompts:
                         row.update(self.render_prompts(step, tracker))
-                    if self.ev.heldout_shards and not self.stopping():
+                    if self.ev.heldout_shards:
                         row.update({f"heldout_{k}": v for k, v in self.heldout_loss().items()})
             except RenderInterrupted as e:
                 row["interrupted"] = f"stop signal {self.stop.signal}: {e}"
@@ -138,4 +138,5 @@ class Evaluator:
         return heldout_loss(
             self.model, iter(loader), scheduler=self.objective.scheduler, max_batches=ev.heldout_batches,
             video_fps=float(self.cfg.objective.video_fps or 24.0), loss_weights=self.objective.loss_weights,
+            should_stop=self.stopping,
         )  # fmt: skip
