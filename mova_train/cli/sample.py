@@ -109,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # every user error in mova_train is a ValueError subclass naming the culprit
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (
+        KeyboardInterrupt
+    ):  # Ctrl-C: renders already written stay (each mp4 is written whole), no traceback
+        print("interrupted: renders finished so far are in --out", file=sys.stderr)
+        return 130
 
 
 def _run(args) -> int:
