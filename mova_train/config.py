@@ -28,6 +28,7 @@ from mova_train.training.config import (
     TrackingConfig,
     TrainerConfig,
     check_deepspeed_json,
+    check_image_file,
     read_deepspeed_json,
 )
 
@@ -115,7 +116,7 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
 
     First each group's own validation (model, objective, lora, data, optim, deepspeed, tracking, trainer, eval),
     then what needs several groups or the file system. Touches only the file system (checkpoint folder, shard
-    spec, DeepSpeed JSON, resume path), never a process group.
+    spec, eval images, DeepSpeed JSON, resume path), never a process group.
     """
     if not isinstance(cfg.name, str) or not cfg.name.strip() or "/" in cfg.name:
         fail("name", cfg.name, "expected a non-empty experiment name without '/'")
@@ -175,9 +176,11 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
             read_init_adapter(resolve_path(lora.init_from, field_name="lora.init_from")), lora
         )
 
-    # held-out shards, the DeepSpeed JSON, a resume path
+    # held-out shards, the eval prompts' images, the DeepSpeed JSON, a resume path
     if cfg.eval.heldout_shards:
         check_shard_spec("eval.heldout_shards", cfg.eval.heldout_shards)
+    for where, image in cfg.eval.reference_images():
+        check_image_file(resolve_path(image, field_name=where), where)
     if cfg.deepspeed.config is not None:
         path = resolve_path(cfg.deepspeed.config, field_name="deepspeed.config")
         ds = read_deepspeed_json(path, where=f"deepspeed.config={cfg.deepspeed.config!r}")

@@ -22,6 +22,8 @@ MOVA generates video+audio from an image and text: --image is required, either o
 of a .json/.jsonl prompts file ({"prompt": ..., "image": "ref.png", "seed": 3, "negative_prompt": ...}).
 --grey-reference instead conditions on a mid-grey first frame; the model was trained image-conditioned only, so
 such clips open on grey.  Prompt i uses seed + i unless its entry sets a seed; the same seed gives identical files.
+--frames, --size and --steps default to what fits the checkpoint: 193 frames at 352x640 with 50 steps for MOVA,
+9 frames at 32x64 with 4 steps for the tiny model of `make demo`.
 """
 
 
@@ -57,11 +59,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--grey-reference", action="store_true", help="no image: condition on a mid-grey frame"
     )
     parser.add_argument(
-        "--frames", type=int, default=193, help="number of frames, 1 mod 4 (default 193 = 8 s)"
+        "--frames",
+        type=int,
+        default=None,
+        help="number of frames, 1 mod 4 (default: the checkpoint's; 193 = 8 s for MOVA, 9 for the tiny model)",
     )
-    parser.add_argument("--size", default="352x640", help="HEIGHTxWIDTH, multiples of 16 (default 352x640)")
+    parser.add_argument(
+        "--size",
+        default=None,
+        help="HEIGHTxWIDTH, multiples of 16 (default: the checkpoint's; 352x640 for MOVA, 32x64 for the tiny model)",
+    )
     parser.add_argument("--fps", type=float, default=24.0, help="frame rate (default 24)")
-    parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="denoising steps (default: the checkpoint's; 50 for MOVA, 4 for the tiny model)",
+    )
     parser.add_argument(
         "--cfg", type=float, default=5.0, help="text guidance scale (default 5.0; 1 = no CFG)"
     )
@@ -95,13 +109,23 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # every user error in mova_train is a ValueError subclass naming the culprit
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (
+        KeyboardInterrupt
+    ):  # Ctrl-C: renders already written stay (each mp4 is written whole), no traceback
+        print("interrupted: renders finished so far are in --out", file=sys.stderr)
+        return 130
 
 
 def _run(args) -> int:
+    log = logging.getLogger("mova_train.cli.sample")
+    started = time.perf_counter()
+    log.info("reading %s", args.checkpoint)
     # Imported here on purpose: torch and the sampling code take seconds to load, and `--help` should not wait.
     import torch
 
     from mova_train.checkpoint_io import write_json_atomic
+    from mova_train.sampling.control import StepClock, format_duration
+    from mova_train.sampling.defaults import checkpoint_sampling_defaults
     from mova_train.sampling.inputs import (
         PromptItem,
         SamplingError,
@@ -112,10 +136,15 @@ def _run(args) -> int:
         parse_size,
     )
 
-    height, width = parse_size(args.size)
-    check_sample_shape(args.frames, height, width, args.fps)  # fail before loading 70 GB of weights
-    if args.steps < 1:
-        raise SamplingError(f"--steps must be >= 1, got {args.steps}")
+    if not Path(args.checkpoint).is_dir():
+        raise SamplingError(f"--checkpoint {args.checkpoint}: no such folder")
+    fitting = checkpoint_sampling_defaults(args.checkpoint)  # config files only, no weights
+    frames = fitting.num_frames if args.frames is None else args.frames
+    height, width = (fitting.height, fitting.width) if args.size is None else parse_size(args.size)
+    steps = fitting.steps if args.steps is None else args.steps
+    check_sample_shape(frames, height, width, args.fps)  # fail before loading 70 GB of weights
+    if steps < 1:
+        raise SamplingError(f"--steps must be >= 1, got {steps}")
     items = load_prompts_file(args.prompts) if args.prompts else [PromptItem(args.prompt)]
     if args.image and args.grey_reference:
         raise SamplingError("--image and --grey-reference exclude each other")
@@ -132,50 +161,64 @@ def _run(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    given = (("--frames", args.frames), ("--size", args.size), ("--steps", args.steps))
+    unset = [flag for flag, value in given if value is None]
+    log.info(
+        "%d render(s) of %d frames at %dx%d, %d steps%s",
+        len(items), frames, height, width, steps,
+        f" ({', '.join(unset)}: the {fitting.name} model's defaults)" if unset else "",
+    )  # fmt: skip
 
     from mova_train.sampling.pipeline import load_pipeline
     from mova_train.sampling.render import render_stem, save_render
     from mova_train.sampling.sampler import generate
 
-    started = time.perf_counter()
+    log.info(
+        "loading the model and codecs on %s (%s)%s", device, dtype_name, " with adapters" if loras else ""
+    )
+    loading = time.perf_counter()
     pipeline = load_pipeline(
         args.checkpoint, loras=loras, offload_experts=args.offload_experts, device=device, dtype=dtype
     )
+    log.info("loaded in %s", format_duration(time.perf_counter() - loading))
+    clock = StepClock(steps * len(items), what=f"{len(items)} render(s)")
     out_dir = Path(args.out)
     records = []
     for i, item in enumerate(items):
         seed = item.seed if item.seed is not None else args.seed + i
         negative = item.negative_prompt if item.negative_prompt is not None else args.negative_prompt
+        log.info("render %d/%d (seed %d): %s", i + 1, len(items), seed, item.prompt[:80])
         (render,) = generate(
             pipeline,
             None,
             [item.prompt],
             negative_prompt=negative,
             image=item.image or args.image,
-            num_frames=args.frames,
+            num_frames=frames,
             height=height,
             width=width,
-            steps=args.steps,
+            steps=steps,
             cfg_scale=args.cfg,
             cfg_scale_audio=args.cfg_audio,
             seed=seed,
             fps=args.fps,
             progress=not args.quiet,
+            should_stop=clock,
         )
         record = save_render(
             render, out_dir, render_stem(i, item.prompt, seed), contact_sheet=not args.no_contact_sheet
         )
         records.append(record)
-        logging.info("wrote %s", record["mp4"])
+        log.info("wrote %s", record["mp4"])
     summary = {
         "checkpoint": str(args.checkpoint),
         "loras": [{"path": a.path, "scale": a.scale} for a in pipeline.adapters],
         "sampling": {
-            "num_frames": args.frames,
+            "num_frames": frames,
             "height": height,
             "width": width,
             "fps": args.fps,
-            "steps": args.steps,
+            "steps": steps,
             "cfg_scale": args.cfg,
             "cfg_scale_audio": args.cfg_audio,
             "offload_experts": args.offload_experts,

@@ -1,5 +1,7 @@
 """Sampling MOVA: the flow-matching denoising loop with text guidance, rendering to mp4 with sound, evaluation."""
 
+from mova_train.sampling.control import RenderInterrupted, StepClock
+from mova_train.sampling.defaults import SamplingDefaults, checkpoint_sampling_defaults, sampling_defaults
 from mova_train.sampling.evaluate import heldout_loss, log_renders_to_wandb, render_eval, sync_summary
 from mova_train.sampling.inputs import (
     DEFAULT_NEGATIVE_PROMPT,
@@ -20,9 +22,13 @@ __all__ = [
     "MovaPipeline",
     "PlannedStep",
     "PromptItem",
+    "RenderInterrupted",
+    "SamplingDefaults",
     "Render",
     "SamplingError",
+    "StepClock",
     "check_sample_shape",
+    "checkpoint_sampling_defaults",
     "generate",
     "heldout_loss",
     "load_adapter",
@@ -32,6 +38,7 @@ __all__ = [
     "parse_lora_spec",
     "plan_steps",
     "render_eval",
+    "sampling_defaults",
     "save_render",
     "sync_summary",
     "write_contact_sheet",

@@ -7,6 +7,7 @@ between training steps does not change the training run.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -16,13 +17,17 @@ import torch
 
 from mova_train.checkpoint_io import write_json_atomic
 from mova_train.models import FlowMatchScheduler, expert_for_timestep
+from mova_train.sampling.control import RenderInterrupted, StepClock
+from mova_train.sampling.defaults import sampling_defaults
 from mova_train.sampling.inputs import PromptItem, SamplingError
 from mova_train.sampling.pipeline import MovaPipeline
 from mova_train.sampling.render import render_stem, save_render
 from mova_train.sampling.sampler import generate
 
-# Small defaults so an evaluation costs a fraction of a training interval; the experiment config overrides them.
-EVAL_DEFAULTS = {"steps": 25, "cfg_scale": 5.0}
+log = logging.getLogger(__name__)
+
+# Sizes and steps not given come from the checkpoint (sampling.defaults); the experiment config overrides them.
+EVAL_DEFAULTS = {"cfg_scale": 5.0}
 
 
 def _as_items(prompts: Sequence) -> list[PromptItem]:
@@ -64,6 +69,7 @@ def render_eval(
     scheduler: FlowMatchScheduler | None = None,
     contact_sheet: bool = True,
     progress: bool = False,
+    should_stop=None,
     **sampling,
 ) -> list[dict]:
     """Render `prompts` (strings or {prompt, image?, negative_prompt?, seed?}) with the model as it is now.
@@ -72,9 +78,13 @@ def render_eval(
     mp4 and contact-sheet paths, `av_offset_s` (audio late if positive; None when nothing to correlate) and
     `av_confidence`. Prompt i uses its own seed, or `seed + i`, so the same prompt is compared across steps.
     `sampling` is passed to `generate` (num_frames, height, width, steps, cfg_scale, cfg_scale_audio, fps;
-    negative_prompt and image act as defaults for prompts without their own); prompts without any image are
-    conditioned on a mid-grey first frame. `model` may be a MovaModel (DDP/DeepSpeed wrappers are unwrapped;
-    ZeRO-3-partitioned weights must be gathered by the caller) or a MovaPipeline.
+    negative_prompt and image act as defaults for prompts without their own); num_frames, height, width and
+    steps not given are the checkpoint's (sampling.defaults); prompts without any image are conditioned on a
+    mid-grey first frame. `model` may be a MovaModel (DDP/DeepSpeed wrappers are unwrapped; ZeRO-3-partitioned
+    weights must be gathered by the caller) or a MovaPipeline.
+    `should_stop` is asked before every denoising step; True abandons the renders (RenderInterrupted: renders
+    finished before are kept, the abandoned one and renders.json are not written). After the first denoising step
+    one log line estimates how long the renders take.
     """
     items = _as_items(prompts)
     options = {**EVAL_DEFAULTS, **sampling}
@@ -86,10 +96,22 @@ def render_eval(
         if isinstance(model, MovaPipeline)
         else MovaPipeline.from_model(model, codecs, scheduler=scheduler)
     )
+    fitting = sampling_defaults(pipeline.model.config)
+    for name in ("num_frames", "height", "width", "steps"):
+        if options.get(name) is None:
+            options[name] = getattr(fitting, name)
+    clock = StepClock(
+        options["steps"] * len(items), stop=should_stop, what=f"{len(items)} eval render(s) at step {step}"
+    )
     step_dir = Path(out_dir) / f"step-{int(step):06d}"
     records = []
     for i, item in enumerate(items):
         item_seed = item.seed if item.seed is not None else seed + i
+        log.info(
+            "eval render %d/%d at step %d (%d frames at %dx%d, %d steps, image: %s): %s",
+            i + 1, len(items), step, options["num_frames"], options["height"], options["width"], options["steps"],
+            _label(item.image if item.image is not None else default_image) or "grey", item.prompt[:80],
+        )  # fmt: skip
         (render,) = generate(
             pipeline,
             None,
@@ -98,6 +120,7 @@ def render_eval(
             image=item.image if item.image is not None else default_image,
             seed=item_seed,
             progress=progress,
+            should_stop=clock,
             **options,
         )
         record = save_render(
@@ -171,6 +194,7 @@ def heldout_loss(
     max_batches: int | None = None,
     video_fps: float = 24.0,
     loss_weights: dict[str, float] | None = None,
+    should_stop=None,
 ) -> dict[str, float]:
     """The training objective (spec §12, §16) on held-out batches at fixed timesteps and fixed noise.
 
@@ -179,7 +203,8 @@ def heldout_loss(
     listed in `timestep_indices`, with the expert the router picks for it and noise from a CPU generator seeded by
     (seed, batch index), so the figure only moves when the model does. The loss is the training formula
     (`FlowMatchScheduler.loss`) with `loss_weights` (the objective's `loss_weights`; default 1 and 1). Returns mean
-    loss, its video/audio parts, and the mean per expert.
+    loss, its video/audio parts, and the mean per expert. `should_stop` is asked before every batch; True abandons
+    the measure (RenderInterrupted).
     """
     if build_condition is None:
         from mova_train.codecs import build_i2v_condition as build_condition
@@ -201,6 +226,8 @@ def heldout_loss(
             for batch_index, batch in enumerate(batches):
                 if max_batches is not None and batch_index >= max_batches:
                     break
+                if should_stop is not None and should_stop():
+                    raise RenderInterrupted(batch_index, max_batches, "held-out loss", "batches")
                 device = _first_param(model).device
                 dtype = _first_param(model).dtype
                 x0_video = batch.video.to(device=device, dtype=torch.float32)  # [B, 16, T, h, w]

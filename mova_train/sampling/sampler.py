@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mova_train.models import EXPERTS, FlowMatchScheduler, expert_for_timestep
+from mova_train.sampling.control import StopCheck
 from mova_train.sampling.inputs import (
     DEFAULT_NEGATIVE_PROMPT,
     SampleShape,
@@ -130,6 +131,7 @@ def generate(
     fps: float = 24.0,
     scheduler: FlowMatchScheduler | None = None,
     progress: bool = True,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[Render]:
     """Render one clip per prompt with the MOVA sampler (spec §13).
 
@@ -143,6 +145,8 @@ def generate(
         one. When both are 1 the negative pass is skipped.
     seed: prompt i uses seed + i (or seed[i]), drawn in the order of spec §13.3 on a generator of its own, so one
         render never depends on the others and the caller's global RNG is left untouched.
+    should_stop: asked before every denoising step; True abandons the renders (sampling.control.RenderInterrupted),
+        so a stop signal is honoured within one step.
     """
     pipeline = _as_pipeline(pipeline_or_model, codecs, scheduler)
     codecs = pipeline.codecs
@@ -194,7 +198,8 @@ def generate(
                 _prepare(pipeline, shape, prompt, negative, image_i, seed_i, guided)
                 for prompt, negative, image_i, seed_i in zip(prompts, negatives, images, seeds)
             ]
-            _denoise(pipeline, states, plan, shape, scale_video, scale_audio, progress)
+            stop = StopCheck(should_stop, len(plan) * len(states))
+            _denoise(pipeline, states, plan, shape, scale_video, scale_audio, progress, stop)
             return [_decode(pipeline, state, shape) for state in states]
     finally:
         model.train(was_training)
@@ -270,6 +275,7 @@ def _denoise(
     scale_video: float,
     scale_audio: float,
     progress: bool,
+    stop: StopCheck,
 ) -> None:
     phases = _phases(plan)
     if pipeline.offload_experts:
@@ -280,6 +286,7 @@ def _denoise(
             with tqdm(total=len(phase) * len(states), desc=label, disable=not progress, leave=False) as bar:
                 for state in states:
                     for step in phase:
+                        stop.before_step()
                         _step(pipeline, state, step, shape, scale_video, scale_audio)
                         bar.update(1)
         return
@@ -290,6 +297,7 @@ def _denoise(
             for phase in phases:
                 pipeline.ensure_expert(phase[0].expert)
                 for step in phase:
+                    stop.before_step()
                     _step(pipeline, state, step, shape, scale_video, scale_audio)
                     bar.update(1)
 

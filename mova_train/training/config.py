@@ -182,39 +182,109 @@ class TrackingConfig:
             fail("tracking.project", self.project, "expected a W&B project name")
 
 
+EVAL_PROMPT_FIELDS = ("prompt", "image", "negative_prompt", "seed")
+
+
 @dataclass
 class EvalConfig:
-    """Evaluation during training, every `every` steps (0: off): renders of fixed prompts (mp4 + A/V sync figure)
-    and the flow-matching loss on held-out shards at fixed timesteps and noise."""
+    """Evaluation during training, every `every` steps (0: off) and, with `at_start`, once before the first step:
+    renders of fixed prompts (mp4 + A/V sync figure) and the flow-matching loss on held-out shards at fixed timesteps
+    and noise. Sizes and steps left null are the checkpoint's (mova_train.sampling.defaults: the tiny model 9 frames
+    at 32x64 with 4 steps, MOVA 193 frames at 352x640 with 50 steps)."""
 
     every: int = 0
-    prompts: list[str] = field(default_factory=list)
+    at_start: bool = False  # also evaluate at step 0, before training: the baseline (not on resume)
+    # strings, or {prompt, image?, negative_prompt?, seed?}; image: the reference first frame (a path; relative
+    # paths from the working directory or the project root); without one a render starts from a grey frame
+    prompts: list[Any] = field(default_factory=list)
     heldout_shards: str | None = None  # shards set aside (same contract as data.shards)
     heldout_batches: int = 8
     negative_prompt: str | None = None
-    num_frames: int = 193
-    height: int = 352
-    width: int = 640
-    steps: int = 50
+    num_frames: int | None = None  # null: the checkpoint's default
+    height: int | None = None
+    width: int | None = None
+    steps: int | None = None
     cfg_scale: float = 5.0
     seed: int = 0
 
+    @property
+    def enabled(self) -> bool:
+        return self.every > 0 or self.at_start
+
     def validate(self) -> None:
-        """Its own fields; whether eval.heldout_shards exist is validate_config's."""
+        """Its own fields; whether eval.heldout_shards and the prompts' images exist is validate_config's."""
         check_int("eval.every", self.every, 0)
-        if self.every > 0:
+        if not isinstance(self.at_start, bool):
+            fail("eval.at_start", self.at_start, "expected true or false")
+        if not isinstance(self.prompts, list):
+            fail("eval.prompts", self.prompts, "expected a list of prompts")
+        for i, entry in enumerate(self.prompts):
+            self._check_prompt(i, entry)
+        if self.enabled:
             if not self.prompts and not self.heldout_shards:
                 raise ConfigValueError(
-                    "eval.every > 0 needs eval.prompts (a list of prompts to render) and/or eval.heldout_shards"
+                    "eval.every > 0 or eval.at_start needs eval.prompts (a list of prompts to render) and/or "
+                    "eval.heldout_shards"
                 )
             check_int("eval.heldout_batches", self.heldout_batches, 1)
-            if (self.num_frames - 1) % 4:
-                fail("eval.num_frames", self.num_frames, "expected 4k+1 frames (e.g. 193)")
+            if self.num_frames is not None:
+                check_int(
+                    "eval.num_frames", self.num_frames, 1, "expected 4k+1 frames (e.g. 17, 193) or null"
+                )
+                if (self.num_frames - 1) % 4:
+                    fail("eval.num_frames", self.num_frames, "expected 4k+1 frames (e.g. 17, 193) or null")
             for name in ("height", "width"):
                 v = getattr(self, name)
-                if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % 16:
-                    fail(f"eval.{name}", v, "expected a positive multiple of 16")
-            check_int("eval.steps", self.steps, 1)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % 16):
+                    fail(f"eval.{name}", v, "expected a positive multiple of 16 or null")
+            if self.steps is not None:
+                check_int("eval.steps", self.steps, 1, "expected an integer >= 1 or null")
+
+    @staticmethod
+    def _check_prompt(i: int, entry: Any) -> None:
+        where = f"eval.prompts[{i}]"
+        if isinstance(entry, str):
+            if not entry.strip():
+                fail(where, entry, "expected a non-empty prompt")
+            return
+        allowed = "a string or {prompt, image?, negative_prompt?, seed?}"
+        if not isinstance(entry, dict):
+            fail(where, entry, f"expected {allowed}")
+        unknown = sorted(set(entry) - set(EVAL_PROMPT_FIELDS))
+        if unknown:
+            fail(where, entry, f"unknown field(s) {unknown}; expected {allowed}")
+        if not isinstance(entry.get("prompt"), str) or not entry["prompt"].strip():
+            fail(f"{where}.prompt", entry.get("prompt"), "expected a non-empty string")
+        for key in ("image", "negative_prompt"):
+            if entry.get(key) is not None and not isinstance(entry[key], str):
+                fail(f"{where}.{key}", entry[key], "expected a string or null")
+        if entry.get("image") == "":
+            fail(f"{where}.image", "", "expected an image file")
+        seed = entry.get("seed")
+        if seed is not None:
+            check_int(f"{where}.seed", seed, 0, "expected an integer >= 0 or null")
+
+    def reference_images(self) -> list[tuple[str, str]]:
+        """(field name, path) of every prompt's reference image, for validate_config to check."""
+        return [
+            (f"eval.prompts[{i}].image", entry["image"])
+            for i, entry in enumerate(self.prompts)
+            if isinstance(entry, dict) and entry.get("image") is not None
+        ]
+
+
+def check_image_file(path: Path, where: str) -> None:
+    """ConfigValueError unless `path` is an image file PIL decodes (a reference image, checked before any model
+    loads)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise ConfigValueError(f"{where}={str(path)!r}: not a file")
+    try:
+        with Image.open(path) as image:
+            image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ConfigValueError(f"{where}={str(path)!r}: not a readable image ({e})") from None
 
 
 @dataclass
@@ -283,5 +353,6 @@ __all__ = [
     "TrackingConfig",
     "TrainerConfig",
     "check_deepspeed_json",
+    "check_image_file",
     "read_deepspeed_json",
 ]

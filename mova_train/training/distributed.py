@@ -123,9 +123,9 @@ def resolve_runtime(cfg: TrainConfig) -> tuple[str, dict | None]:
             f"model.dtype={cfg.model.dtype!r} with trainer.mixed_precision resolved to 'no': the fp32 adapters "
             "and the low-precision base need bf16 autocast (trainer.mixed_precision=bf16), or use model.dtype=float32"
         )
-    if cfg.eval.every > 0 and zero_stage == 3:
+    if cfg.eval.enabled and zero_stage == 3:
         raise ConfigValueError(
-            "eval.every > 0 with DeepSpeed ZeRO-3 is not supported (renders would need every rank); "
+            "eval.every > 0 or eval.at_start with DeepSpeed ZeRO-3 is not supported (renders would need every rank); "
             "use ZeRO-2 or render checkpoints with `python -m mova_train.cli.sample`"
         )
     return mixed_precision, ds_config

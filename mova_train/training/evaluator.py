@@ -1,5 +1,8 @@
 """The Evaluator: renders of `eval.prompts` and the held-out loss during training, on the main process (the others
-wait), without touching any training RNG stream. Writes `<run_dir>/eval/eval.jsonl` and logs to W&B."""
+wait), without touching any training RNG stream. Writes `<run_dir>/eval/eval.jsonl` and logs to W&B.
+
+A stop signal (the trainer's StopFlag) abandons a render at its next denoising step; `run` then tells every rank to
+stop, so the trainer saves a checkpoint and exits at once rather than after the evaluation."""
 
 from __future__ import annotations
 
@@ -17,9 +20,12 @@ from mova_train.codecs import load_codecs
 from mova_train.config import TrainConfig, resolve_path
 from mova_train.data.config import DataConfig
 from mova_train.data.loader import build_loader
+from mova_train.sampling.control import RenderInterrupted
+from mova_train.sampling.defaults import sampling_defaults
 from mova_train.sampling.evaluate import heldout_loss, render_eval, sync_summary
-from mova_train.training.distributed import barrier
+from mova_train.training.distributed import all_reduce
 from mova_train.training.objective import FlowMatchingObjective
+from mova_train.training.signals import StopFlag
 
 logger = logging.getLogger("mova_train.training")
 
@@ -35,6 +41,7 @@ class Evaluator:
         device: torch.device,
         is_main: bool,
         codec_identity: str | None,
+        stop: StopFlag | None = None,
     ):
         self.cfg, self.ev = cfg, cfg.eval
         self.out_dir = Path(run_dir) / layout.EVAL_DIR
@@ -42,12 +49,23 @@ class Evaluator:
         self.device, self.is_main = device, is_main
         self.codec_identity = codec_identity
         self.codecs = None  # loaded at the first render
+        self.stop = stop
+
+    def stopping(self) -> bool:
+        return self.stop is not None and self.stop.signal is not None
 
     def due(self, step: int) -> bool:
         return bool(self.ev.every) and step % self.ev.every == 0
 
-    def run(self, step: int, tracker=None) -> None:
-        """Collective: rank 0 evaluates, every rank waits for it."""
+    def run_at_start(self, step: int, tracker=None) -> None:
+        """The step-0 baseline (eval.at_start) of a run that starts from scratch; a resumed run has had its own.
+        A stop signal during it is honoured by the first training step, which saves and stops."""
+        if self.ev.at_start and step == 0:
+            self.run(0, tracker)
+
+    def run(self, step: int, tracker=None) -> bool:
+        """Collective: rank 0 evaluates, every rank waits for it. True when a stop signal reached any rank (a render
+        under way is then abandoned at its next denoising step): the trainer saves and stops."""
         if self.is_main:
             row: dict[str, Any] = {"step": step}
             py, nps = random.getstate(), np.random.get_state()
@@ -59,6 +77,8 @@ class Evaluator:
                         row.update(self.render_prompts(step, tracker))
                     if self.ev.heldout_shards:
                         row.update({f"heldout_{k}": v for k, v in self.heldout_loss().items()})
+            except RenderInterrupted as e:
+                row["interrupted"] = f"stop signal {self.stop.signal}: {e}"
             finally:
                 self.model.train(was_training)
                 random.setstate(py)
@@ -68,8 +88,27 @@ class Evaluator:
             with open(self.out_dir / "eval.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(row, sort_keys=True) + "\n")
             if tracker is not None and tracker.run is not None:
-                tracker.log_media({f"eval/{k}": v for k, v in row.items() if k != "step"}, step=step)
-        barrier()
+                tracker.log_media(
+                    {f"eval/{k}": v for k, v in row.items() if k not in ("step", "interrupted")}, step=step
+                )
+        return all_reduce([float(self.stopping())], "max", self.device)[0] > 0
+
+    def sampling_options(self) -> dict:
+        """eval.* sizes and steps, those left null from the checkpoint (sampling.defaults)."""
+        ev = self.ev
+        fitting = sampling_defaults(self.model.config)
+        chosen = {"num_frames": ev.num_frames, "height": ev.height, "width": ev.width, "steps": ev.steps}
+        return {k: getattr(fitting, k) if v is None else v for k, v in chosen.items()}
+
+    def prompt_items(self) -> list:
+        """eval.prompts with each image resolved like every config path (working directory, then project root)."""
+        items = []
+        for i, entry in enumerate(self.ev.prompts):
+            if isinstance(entry, dict) and entry.get("image") is not None:
+                where = f"eval.prompts[{i}].image"
+                entry = {**entry, "image": str(resolve_path(entry["image"], field_name=where))}
+            items.append(entry)
+        return items
 
     def render_prompts(self, step: int, tracker=None) -> dict:
         ev = self.ev
@@ -77,9 +116,9 @@ class Evaluator:
             checkpoint = resolve_path(self.cfg.model.checkpoint, field_name="model.checkpoint")
             self.codecs = load_codecs(checkpoint, device=self.device)
         records = render_eval(
-            self.model, self.codecs, list(ev.prompts), self.out_dir, step=step, seed=ev.seed,
-            negative_prompt=ev.negative_prompt, num_frames=ev.num_frames, height=ev.height, width=ev.width,
-            steps=ev.steps, cfg_scale=ev.cfg_scale,
+            self.model, self.codecs, self.prompt_items(), self.out_dir, step=step, seed=ev.seed,
+            negative_prompt=ev.negative_prompt, cfg_scale=ev.cfg_scale, should_stop=self.stopping,
+            **self.sampling_options(),
         )  # fmt: skip
         if tracker is not None and tracker.run is not None:
             tracker.log_renders(records, step=step)
@@ -99,4 +138,5 @@ class Evaluator:
         return heldout_loss(
             self.model, iter(loader), scheduler=self.objective.scheduler, max_batches=ev.heldout_batches,
             video_fps=float(self.cfg.objective.video_fps or 24.0), loss_weights=self.objective.loss_weights,
+            should_stop=self.stopping,
         )  # fmt: skip

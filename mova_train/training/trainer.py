@@ -177,7 +177,7 @@ class Trainer:
         self.batches = iter(self.loader)
         self.evaluator = Evaluator(
             cfg, self.run_dir, self.model, self.objective, device=self.device, is_main=self.is_main,
-            codec_identity=identity,
+            codec_identity=identity, stop=self.stop,
         )  # fmt: skip
 
     def restore(self) -> None:
@@ -212,27 +212,27 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ loop
     def train(self) -> RunResult:
         t = self.cfg.trainer
-        end = (
-            t.max_steps
-            if t.max_steps_per_run is None
-            else min(t.max_steps, self.counters.step + t.max_steps_per_run)
-        )
+        cap = t.max_steps_per_run
+        end = t.max_steps if cap is None else min(t.max_steps, self.counters.step + cap)
         stopped = False
         if self.counters.step >= end:
             logger.info(
                 "nothing to do: step %d reached trainer.max_steps=%d", self.counters.step, t.max_steps
             )
         try:
+            self.evaluator.run_at_start(self.counters.step, self.tracker)
             while self.counters.step < end and not stopped:
                 row = self.train_step()
                 stopped = row.pop("_stop")
                 self.log_step(row)
                 self.check_skips()
-                done = self.counters.step >= end
-                if done or stopped or self.counters.step % t.save_every == 0:
+                saved = self.counters.step >= end or stopped or self.counters.step % t.save_every == 0
+                if saved:
                     self.save_checkpoint()
                 if self.evaluator.due(self.counters.step) and not stopped:
-                    self.evaluator.run(self.counters.step, self.tracker)
+                    stopped = self.evaluator.run(self.counters.step, self.tracker)  # True: a stop signal came
+                    if stopped and not saved:
+                        self.save_checkpoint()
             if stopped:
                 logger.info(
                     "stopped by signal %s at step %d; checkpoint saved", self.stop.signal, self.counters.step
