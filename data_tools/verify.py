@@ -23,6 +23,7 @@ from mova_train.data.contract import (
     ShardFormatError,
     decode_sample,
     load_manifest,
+    shapes_key,
     validate_sample,
 )
 
@@ -143,7 +144,9 @@ def verify(folder: str | Path, *, checkpoint: str | Path | None = None) -> Verif
                 if key in seen:
                     result.problems.append(f"clip {key!r} appears in {seen[key]} and {info.name}")
                 seen[key] = info.name
-                want = manifest.shapes.get(meta["bucket"])
+                want = manifest.shapes.get(
+                    shapes_key(meta["bucket"], meta["num_frames"], manifest.frame_counts)
+                )
                 if want is None:
                     result.problems.append(
                         f"{info.name}: sample {key!r} has bucket {meta['bucket']} not in manifest"
@@ -159,7 +162,12 @@ def verify(folder: str | Path, *, checkpoint: str | Path | None = None) -> Verif
                             result.problems.append(
                                 f"{info.name}: sample {key!r} {name} shape {got}, manifest says {shape}"
                             )
-                if meta["num_frames"] != manifest.num_frames or abs(meta["fps"] - manifest.fps) > 1e-6:
+                frames_ok = (
+                    str(meta["num_frames"]) in manifest.frame_counts
+                    if manifest.frame_counts
+                    else meta["num_frames"] == manifest.num_frames
+                )
+                if not frames_ok or abs(meta["fps"] - manifest.fps) > 1e-6:
                     result.problems.append(
                         f"{info.name}: sample {key!r} has {meta['num_frames']} frames at {meta['fps']} fps, "
                         f"manifest says {manifest.num_frames} at {manifest.fps}"
