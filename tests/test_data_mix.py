@@ -62,11 +62,21 @@ def sets(tmp_path_factory):
     return base, {**a, **b}
 
 
-def _loader(shards, *, seed=3, resample=True, batch_size=2, shuffle_buffer=4, text_len=TEXT_LEN, **kwargs):
+def _loader(
+    shards,
+    *,
+    seed=3,
+    resample=True,
+    batch_size=2,
+    shuffle_buffer=4,
+    text_len=TEXT_LEN,
+    num_workers=0,
+    **kwargs,
+):
     cfg = DataConfig(
         shards=shards,
         batch_size=batch_size,
-        num_workers=0,
+        num_workers=num_workers,
         shuffle_buffer=shuffle_buffer,
         resample=resample,
         **kwargs,
@@ -113,38 +123,46 @@ def test_repeats_read_a_set_that_many_times_per_epoch(sets):
     assert loader.stats["sets"] == {str(base / "a"): 24, str(base / "b"): 16}
 
 
-@pytest.mark.parametrize("resample", [True, False])
-def test_a_mixed_loader_resumes_with_identical_samples(sets, resample):
+@pytest.mark.parametrize(("resample", "num_workers"), [(True, 0), (False, 0), (True, 2)])
+def test_a_mixed_loader_resumes_with_identical_samples(sets, resample, num_workers):
     base, _ = sets
     spec = [{"path": str(base / "a"), "weight": 1.25}, {"path": str(base / "b"), "weight": 1.0}]
     if not resample:
         spec = [{"path": str(base / "a"), "repeats": 2}, {"path": str(base / "b")}]
 
-    def run(loader):
-        return _take(loader, 30) if resample else list(loader) + list(loader)
+    def run(loader, n=30):
+        return _take(loader, n) if resample else list(loader) + list(loader)
 
-    full = run(_loader(spec, resample=resample, caption_dropout=0.3))
-    first = _loader(spec, resample=resample, caption_dropout=0.3)
+    full = run(_loader(spec, resample=resample, caption_dropout=0.3, num_workers=num_workers))
+    first = _loader(spec, resample=resample, caption_dropout=0.3, num_workers=num_workers)
     head = _take(first, 7)
     state = json.loads(json.dumps(first.state_dict()))
-    resumed = _loader(spec, resample=resample, caption_dropout=0.3)
+    resumed = _loader(spec, resample=resample, caption_dropout=0.3, num_workers=num_workers)
     resumed.load_state_dict(state)
-    tail = run(resumed)
+    tail = run(resumed, 30 - 7)
     got = head + tail
-    want = full if resample else full[: len(got)]
-    assert [b.keys for b in got[: len(want)]] == [b.keys for b in want]
-    for a, b in zip(got, want):
+    assert [b.keys for b in got] == [b.keys for b in full]
+    for a, b in zip(got, full):
         for name in ("video", "audio", "text", "text_lengths"):
             assert torch.equal(getattr(a, name), getattr(b, name)), name
         assert [m.get("caption_dropped", False) for m in a.meta] == [
             m.get("caption_dropped", False) for m in b.meta
         ]
-    # a state of the single set, or of another mix, is not continued
+    # a state of another caption dropout, of the single set, or of another mix, is not continued
+    with pytest.raises(LoaderError, match="caption_dropout"):
+        _loader(spec, resample=resample, num_workers=num_workers).load_state_dict(state)
     other = _loader(
-        [{"path": str(base / "a"), "repeats": 3}, str(base / "b")], resample=resample, caption_dropout=0.3
+        [{"path": str(base / "a"), "repeats": 3}, str(base / "b")],
+        resample=resample,
+        caption_dropout=0.3,
+        num_workers=num_workers,
     )
     with pytest.raises(LoaderError, match="shard set"):
         other.load_state_dict(state)
+    # a state saved before caption dropout existed (no such layout field) resumes a loader without it
+    old = json.loads(json.dumps(state))
+    del old["layout"]["caption_dropout"]
+    _loader(spec, resample=resample, num_workers=num_workers).load_state_dict(old)
 
 
 def test_an_elastic_resume_of_a_mix_reads_every_planned_sample_once(sets):

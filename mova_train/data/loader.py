@@ -81,6 +81,8 @@ logger = logging.getLogger(__name__)
 STATE_VERSION = 1
 # Layout fields a state may differ in and still be continued, by `ShardLoader.load_resplit_state`.
 _ELASTIC_FIELDS = ("rank", "world_size", "num_workers")
+# Layout fields added after STATE_VERSION 1, with the value every state saved before them had.
+_LAYOUT_DEFAULTS = {"caption_dropout": 0.0}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -552,8 +554,7 @@ class ShardLoader:
             "validate": cfg.validate,
             "text_len": self.plan.text_len,
             "shards": self.plan.shards.fingerprint(),
-            # only when set: states saved before caption dropout existed still resume without it
-            **({"caption_dropout": cfg.caption_dropout} if cfg.caption_dropout else {}),
+            "caption_dropout": cfg.caption_dropout,
         }
 
     def state_dict(self) -> dict:
@@ -577,7 +578,7 @@ class ShardLoader:
                 f"this version reads {STATE_VERSION}"
             )
         mine = self._layout()
-        theirs = state.get("layout", {})
+        theirs = {**_LAYOUT_DEFAULTS, **state.get("layout", {})}
         for name, value in mine.items():
             if theirs.get(name) != value:
                 what = "shard set (names and sample counts)" if name == "shards" else name
@@ -611,7 +612,9 @@ class ShardLoader:
         reader reached are shared out again, and the samples held in shuffle buffers and pending batches are
         handed to the new readers. The order differs from an uninterrupted run (it cannot match)."""
         plan, cfg = self.plan, self.cfg
-        layouts = [s.get("layout", {}) if isinstance(s, Mapping) else {} for s in states]
+        layouts = [
+            {**_LAYOUT_DEFAULTS, **(s.get("layout", {}) if isinstance(s, Mapping) else {})} for s in states
+        ]
         if not states or any(s.get("version") != STATE_VERSION for s in states):
             raise LoaderStateError(
                 f"loader states of {len(states)} rank(s) are missing or of another version"
