@@ -101,9 +101,8 @@ class _Plan:
     text_len: int
     spec: SampleSpec
     sample_identity: str | None  # codec identity every sample must carry (None: not checked)
-    empty_prompts: tuple[
-        torch.Tensor | None, ...
-    ] = ()  # per shard set, [n_tokens, Dt] (caption dropout only)
+    # per shard set, the stored empty-prompt embedding [n_tokens, Dt]; empty unless data.caption_dropout > 0
+    empty_prompts: tuple[torch.Tensor, ...] = ()
 
     @property
     def pass_length(self) -> int:  # shard reads per pass over all sets (one epoch without resampling)
