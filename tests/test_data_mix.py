@@ -15,6 +15,7 @@ from mova_train.data.config import DataConfig, check_data_config
 from mova_train.data.contract import EMPTY_PROMPT_NAME, load_manifest
 from mova_train.data.errors import CodecIdentityError, LoaderError
 from mova_train.data.loader import build_loader
+from mova_train.data.shards import resolve_shards
 from mova_train.data.synthetic import make_synthetic_sample, write_shard_set
 from mova_train.errors import ConfigValueError
 
@@ -112,6 +113,10 @@ def test_weights_give_each_set_its_share_of_the_stream(sets):
     assert all(sorted(r.values()) == [4, 4, 6, 6] for r in shard_reads)
     assert len({frozenset(s for s, n in r.items() if n == 6) for r in shard_reads}) > 1
     assert loader.stats["sets"] == {str(base / "a"): 60, str(base / "b"): 48}
+    # the run fingerprint (checkpointer) and the loader state name the same mix; one set keeps its old fingerprint
+    assert resolve_shards(spec).fingerprint() == loader.shards.fingerprint()
+    assert _loader(str(base / "a")).shards.fingerprint() == resolve_shards(str(base / "a")).fingerprint()
+    assert loader.shards.fingerprint() != resolve_shards([str(base / "a"), str(base / "b")]).fingerprint()
 
 
 def test_repeats_read_a_set_that_many_times_per_epoch(sets):
@@ -360,3 +365,32 @@ def test_encode_writes_frame_buckets_and_the_empty_prompt(data_input, tiny_check
     assert (old / EMPTY_PROMPT_NAME).read_bytes() == (out / EMPTY_PROMPT_NAME).read_bytes()
     assert load_manifest(old).empty_prompt_sha256 == manifest.empty_prompt_sha256
     _loader(str(old), caption_dropout=0.1, text_len=codecs.text_len)
+
+
+def test_training_on_a_mix_with_caption_dropout_resumes_exactly(tiny_checkpoint, tmp_path):
+    """train (in this process, tiny model) on two shard sets with repeats and caption dropout: 2 steps + resume to 4
+    gives the losses of 4 uninterrupted steps (the checkpointer's fingerprint and the loader state hold the mix)."""
+    from data_tools.empty_prompt import add_empty_prompt
+    from mova_train.training.synthetic import write_random_shards_for
+    from mova_train.training.trainer import run
+    from tests.train_utils import compose_train, read_metrics, reset_accelerate, tiny_overrides
+
+    a = write_random_shards_for(tiny_checkpoint, tmp_path / "a", num_clips=2)
+    b = write_random_shards_for(tiny_checkpoint, tmp_path / "b", num_clips=1, seed=1)
+    for folder in (a, b):
+        add_empty_prompt(folder, tiny_checkpoint)
+    mix = [f"data.shards=[{{path:{a},repeats:2}},{{path:{b}}}]", "data.caption_dropout=0.5"]
+
+    def train(run_dir, *extra):
+        reset_accelerate()
+        overrides = tiny_overrides(tiny_checkpoint, a, run_dir, "trainer.save_every=100", *mix, *extra)
+        return run(compose_train(overrides))
+
+    try:
+        assert train(tmp_path / "full", "trainer.max_steps=4").step == 4
+        assert train(tmp_path / "resumed", "trainer.max_steps=4", "trainer.max_steps_per_run=2").step == 2
+        assert train(tmp_path / "resumed", "trainer.max_steps=4").step == 4
+    finally:
+        reset_accelerate()
+    losses = [r["loss"] for r in read_metrics(tmp_path / "full")]
+    assert [r["loss"] for r in read_metrics(tmp_path / "resumed")] == losses and len(losses) == 4
