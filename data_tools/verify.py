@@ -100,6 +100,13 @@ def verify(folder: str | Path, *, checkpoint: str | Path | None = None) -> Verif
                 f"codec identity {manifest.codec_identity[:16]}… differs from {checkpoint}'s codecs "
                 f"{expected[:16]}…: re-encode the data with that checkpoint"
             )
+    if manifest.empty_prompt_file:  # caption dropout's empty-prompt embedding, when the folder stores one
+        path = folder / manifest.empty_prompt_file
+        if not path.is_file() or sha256_file(path) != manifest.empty_prompt_sha256:
+            result.problems.append(
+                f"{manifest.empty_prompt_file}: missing or changed since encode (sha256 differs from manifest.json); "
+                "rewrite it with python -m data_tools empty-prompt"
+            )
     listed = {s.name for s in manifest.shards}
     for path in sorted(folder.glob("shard-*.tar")):
         if path.name not in listed:

@@ -365,6 +365,9 @@ def test_encode_writes_frame_buckets_and_the_empty_prompt(data_input, tiny_check
     assert (old / EMPTY_PROMPT_NAME).read_bytes() == (out / EMPTY_PROMPT_NAME).read_bytes()
     assert load_manifest(old).empty_prompt_sha256 == manifest.empty_prompt_sha256
     _loader(str(old), caption_dropout=0.1, text_len=codecs.text_len)
+    assert not verify(old).problems
+    (old / EMPTY_PROMPT_NAME).write_bytes(b"changed")
+    assert any(EMPTY_PROMPT_NAME in p for p in verify(old).problems)
 
 
 def test_training_on_a_mix_with_caption_dropout_resumes_exactly(tiny_checkpoint, tmp_path):
