@@ -199,8 +199,10 @@ def plan_source(
         if min_frames < last_frames and tail_frames >= min_frames and hi - clip_s > last_start + EPS:
             clips.append((math.floor((hi - clip_s) * fps + EPS) / fps, last_frames))
         elif tail > 0.5 / fps:
-            shortest = f"{lengths[-1]} frames, {lengths[-1] / fps:.3f} s"
-            rejected.append((last_end, hi, f"tail of {tail:.3f} s is shorter than one clip ({shortest})"))
+            shortest = lengths[-1] / fps  # with frame buckets, shorter than the shortest clip
+            rejected.append(
+                (last_end, hi, f"tail of {tail:.3f} s is shorter than one clip ({shortest:.3f} s)")
+            )
 
     rows: list[dict] = []
     for index, (start, clip_frames) in enumerate(clips):
