@@ -1,6 +1,6 @@
 """`python -m data_tools <command>`: raw videos -> aligned paired clips -> WebDataset shards of latents.
 
-Commands: synth, scan, plan, export-clips, encode, prepare, verify, report, bench. `<command> --help` explains each.
+Commands: synth, scan, plan, export-clips, encode, prepare, empty-prompt, verify, report, bench. `<command> --help` explains each.
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ COMMANDS = {
     ),
     "encode": ("data_tools.encode", "decode + align + encode planned clips with the codecs -> shards"),
     "prepare": ("data_tools.prepare", "scan -> plan -> encode in one command"),
+    "empty-prompt": (
+        "data_tools.empty_prompt",
+        "add the empty-prompt embedding (for data.caption_dropout) to a shard folder written without it",
+    ),
     "verify": (
         "data_tools.verify",
         "re-read every shard: checksums, schema, shapes, finite values, identity",

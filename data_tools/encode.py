@@ -46,7 +46,7 @@ from data_tools.shards import (
     read_journal,
     remove_stale_tmp,
 )
-from mova_train.data.contract import SCHEMA_VERSION, encode_sample
+from mova_train.data.contract import SCHEMA_VERSION, encode_sample, write_empty_prompt
 from mova_train.identity import base_identity
 from mova_train.names import MODEL_INDEX_NAME
 
@@ -79,10 +79,21 @@ def encode_clip(codecs, clip: AlignedClip, caption: str, latent_dtype) -> dict:
     first = codecs.video_vae.encode_condition(video[:, :, 0], video.shape[2])[0]
     wave = torch.from_numpy(np.ascontiguousarray(clip.audio))[None, None]  # [1, 1, S]
     audio, _ = codecs.audio_vae.encode(wave)
-    emb, lengths = codecs.text_encoder.encode([caption])
-    text = emb[0, : int(lengths[0])]
-    out = {"video": latents, "first_frame": first, "audio": audio[0], "text": text}
+    out = {"video": latents, "first_frame": first, "audio": audio[0], "text": encode_text(codecs, caption)}
     return {k: v.detach().to("cpu", latent_dtype).contiguous() for k, v in out.items()}
+
+
+def encode_text(codecs, caption: str) -> torch.Tensor:
+    """The unpadded text embedding [n_tokens, Dt] of one caption (float32; the caller casts it)."""
+    emb, lengths = codecs.text_encoder.encode([caption])
+    return emb[0, : int(lengths[0])]
+
+
+def write_empty_prompt_file(codecs, out: Path, latent_dtype) -> tuple[str, str]:
+    """The shard set's empty-prompt embedding (caption dropout): "" encoded exactly as a caption, stored as
+    `empty_prompt.safetensors` in `out`; returns (file name, sha256) for the manifest."""
+    text = encode_text(codecs, "").detach().to("cpu", latent_dtype).contiguous()
+    return write_empty_prompt(out, text)
 
 
 def build_meta(row: dict, clip: AlignedClip, codec_identity: str) -> dict:
@@ -218,6 +229,7 @@ def encode_rank(
                 "clip_id": row["clip_id"],
                 "relpath": row["relpath"],
                 "bucket": row["bucket"],
+                "num_frames": int(row["num_frames"]),
                 "seconds": int(row["num_frames"]) / float(row["fps"]),
                 "caption_chars": len(row["caption"]),
                 "caption_words": len(row["caption"].split()),
@@ -255,12 +267,13 @@ def encode(plan_rows: list[dict], opts: EncodeOptions, *, sources: list[dict] | 
     if not kept:
         raise DataToolsError("the clip plan has no kept clips; see its rejection reasons (data_tools report)")
     buckets = {r["bucket"] for r in kept}
-    frame_counts = {(int(r["num_frames"]), float(r["fps"])) for r in kept}
-    if len(frame_counts) != 1:
-        raise DataToolsError(
-            f"the clip plan mixes frame counts / rates {sorted(frame_counts)}; plan them apart"
-        )
-    num_frames, fps = frame_counts.pop()
+    rates = {float(r["fps"]) for r in kept}
+    if len(rates) != 1:
+        raise DataToolsError(f"the clip plan mixes frame rates {sorted(rates)}; plan them apart")
+    fps = rates.pop()
+    # several frame counts are frame buckets (plan --frames 49,97,193): the loader batches each apart
+    frames = sorted({int(r["num_frames"]) for r in kept})
+    num_frames = frames[-1]
 
     ctx = distributed_context(opts.device)
     # imported here: the codecs pull in transformers and the VAEs, and `python -m data_tools` imports every
@@ -283,8 +296,11 @@ def encode(plan_rows: list[dict], opts: EncodeOptions, *, sources: list[dict] | 
     ctx.barrier()
     summary: dict = {"rank": ctx.rank, "world_size": ctx.world_size}
     if ctx.rank == 0:
+        with torch.inference_mode():
+            empty_prompt = write_empty_prompt_file(codecs, out, latent_dtype)
         options = {
             "num_frames": num_frames,
+            **({"frame_buckets": frames} if len(frames) > 1 else {}),
             "fps": fps,
             "buckets": sorted(buckets),
             "shard_size_mb": opts.shard_size_mb,
@@ -296,7 +312,9 @@ def encode(plan_rows: list[dict], opts: EncodeOptions, *, sources: list[dict] | 
             "plan_sha256": plan_digest(kept),
             **opts.extra_options,
         }
-        manifest = build_manifest(out, ctx.world_size, codecs, base_identity(ckpt), options)
+        manifest = build_manifest(
+            out, ctx.world_size, codecs, base_identity(ckpt), options, empty_prompt=empty_prompt
+        )
         report = build_report(out, ctx.world_size, sources, plan_rows)
         summary.update(manifest=asdict(manifest), report=report, report_text=write_report(out, report))
     ctx.barrier()

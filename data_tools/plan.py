@@ -1,6 +1,8 @@
 """`data_tools plan`: cut usable sources into fixed-length clips, one bucket per source -> `plan.jsonl`.
 
 Clips are `--frames` frames at `--fps` (default 193 at 24 fps, about 8.04 s) and start every `--stride` frames.
+Several lengths (`--frames 49,97,193`) are frame buckets: a source is cut into clips of the longest length that fits
+its usable span, and the tail after the last one into clips of the longest shorter length that fits it, and so on.
 The usable span of a source is where both video and audio exist on the common time base. Each cut is moved by up
 to `--max-shift` seconds to the quietest nearby instant (RMS energy of the soundtrack, onsets weighted in) so a
 clip does not start or end inside a word or a sound event. Every rejected span gets a row with its reason:
@@ -93,50 +95,16 @@ def _span(row: dict, clip_id: str, start: float, end: float, reason: str) -> dic
     }
 
 
-def plan_source(
-    row: dict,
-    *,
-    num_frames: int,
-    fps: float,
-    buckets: tuple[Bucket, ...],
-    stride: int,
-    min_frames: int,
-    max_shift_s: float,
-    skip_silent: bool,
-    silence_db: float,
-    skip_frozen: bool,
-    frozen_threshold: float,
-) -> list[dict]:
-    """Clip rows (kept and rejected) of one usable source."""
+def _cut(
+    rms: np.ndarray, rms_t0: float, quiet: float, lo: float, hi: float, *, num_frames: int, fps: float,
+    stride: int, max_shift_s: float,
+) -> tuple[list[float], list[tuple[float, float, str]]]:  # fmt: skip
+    """Clip starts of `num_frames` frames every `stride` frames in [lo, hi] (which holds at least one clip), each
+    cut moved by up to `max_shift_s` to the quietest instant; and the gaps left out by moved cuts."""
     duration = num_frames / fps
     stride_s = stride / fps
-    video_end = float(row["duration_s"])
-    audio_lo = float(row["audio_start_s"]) - float(row["video_start_s"])
-    audio_hi = audio_lo + float(row["audio_duration_s"])
-    # audio may end up to AUDIO_SLACK_S before the video's end (AAC frame and edit-list rounding); the missing
-    # instant is padded with silence and noted by `encode`
-    lo, hi = max(0.0, audio_lo), min(video_end, audio_hi + AUDIO_SLACK_S)
-    # start on the target frame grid so that CFR sources at the target rate keep their original frames
-    lo = math.ceil(lo * fps - EPS) / fps
-    sid = row["source_id"]
-    if hi - lo < duration - EPS:
-        return [
-            _span(
-                row,
-                f"{sid}-span",
-                lo,
-                hi,
-                f"source has {max(0.0, hi - lo):.3f} s with both video and audio, shorter than one clip "
-                f"({num_frames} frames at {fps:g} fps = {duration:.3f} s)",
-            )
-        ]
-    bucket = choose_bucket(int(row["width"]), int(row["height"]), buckets)
-    rms, rms_t0 = audio_energy(row)
     grid = 1.0 / fps
     shift_steps = int(math.floor(max_shift_s * fps + EPS))
-    # background level: the 20th percentile of the envelope (a steady tone or room noise), with 50% headroom
-    quiet = 1.5 * float(np.percentile(rms, 20)) if rms.size else 0.0
-
     starts: list[float] = []
     rejected: list[tuple[float, float, str]] = []
     nominal, earliest = lo, lo
@@ -160,21 +128,86 @@ def plan_source(
         starts.append(best)
         earliest = best + min(stride_s, duration)
         nominal = best + stride_s
-    last_end = starts[-1] + duration
+    return starts, rejected
+
+
+def plan_source(
+    row: dict,
+    *,
+    num_frames: int | tuple[int, ...],
+    fps: float,
+    buckets: tuple[Bucket, ...],
+    stride: int | None,
+    min_frames: int | None,
+    max_shift_s: float,
+    skip_silent: bool,
+    silence_db: float,
+    skip_frozen: bool,
+    frozen_threshold: float,
+) -> list[dict]:
+    """Clip rows (kept and rejected) of one usable source. Several `num_frames` are frame buckets (longest that
+    fits first, then the tail); `stride` None = each length's own (back-to-back clips)."""
+    lengths = sorted({num_frames} if isinstance(num_frames, int) else set(num_frames), reverse=True)
+    duration = lengths[-1] / fps  # the shortest clip: a source shorter than that has none
+    video_end = float(row["duration_s"])
+    audio_lo = float(row["audio_start_s"]) - float(row["video_start_s"])
+    audio_hi = audio_lo + float(row["audio_duration_s"])
+    # audio may end up to AUDIO_SLACK_S before the video's end (AAC frame and edit-list rounding); the missing
+    # instant is padded with silence and noted by `encode`
+    lo, hi = max(0.0, audio_lo), min(video_end, audio_hi + AUDIO_SLACK_S)
+    # start on the target frame grid so that CFR sources at the target rate keep their original frames
+    lo = math.ceil(lo * fps - EPS) / fps
+    sid = row["source_id"]
+    if hi - lo < duration - EPS:
+        return [
+            _span(
+                row,
+                f"{sid}-span",
+                lo,
+                hi,
+                f"source has {max(0.0, hi - lo):.3f} s with both video and audio, shorter than one clip "
+                f"({lengths[-1]} frames at {fps:g} fps = {duration:.3f} s)",
+            )
+        ]
+    bucket = choose_bucket(int(row["width"]), int(row["height"]), buckets)
+    rms, rms_t0 = audio_energy(row)
+    # background level: the 20th percentile of the envelope (a steady tone or room noise), with 50% headroom
+    quiet = 1.5 * float(np.percentile(rms, 20)) if rms.size else 0.0
+
+    clips: list[tuple[float, int]] = []  # (start, frames)
+    rejected: list[tuple[float, float, str]] = []
+    span_lo, choices = lo, lengths
+    while True:
+        fits = [f for f in choices if hi - span_lo >= f / fps - EPS]
+        if not fits:
+            break
+        length = fits[0]  # the longest that fits; the tail after its clips gets the shorter ones
+        starts, gaps = _cut(
+            rms, rms_t0, quiet, span_lo, hi, num_frames=length, fps=fps,
+            stride=length if stride is None else stride, max_shift_s=max_shift_s,
+        )  # fmt: skip
+        clips += [(start, length) for start in starts]
+        rejected += gaps
+        span_lo, choices = starts[-1] + length / fps, fits[1:]
+    last_start, last_frames = clips[-1]
+    last_end = last_start + last_frames / fps
     tail = hi - last_end
     if tail > EPS:
         tail_frames = int(math.floor(tail * fps + EPS))
-        if min_frames < num_frames and tail_frames >= min_frames and hi - duration > starts[-1] + EPS:
-            starts.append(math.floor((hi - duration) * fps + EPS) / fps)
+        clip_s = last_frames / fps
+        min_frames = last_frames if min_frames is None else min_frames
+        if min_frames < last_frames and tail_frames >= min_frames and hi - clip_s > last_start + EPS:
+            clips.append((math.floor((hi - clip_s) * fps + EPS) / fps, last_frames))
         elif tail > 0.5 / fps:
+            shortest = lengths[-1] / fps  # with frame buckets, shorter than the shortest clip
             rejected.append(
-                (last_end, hi, f"tail of {tail:.3f} s is shorter than one clip ({duration:.3f} s)")
+                (last_end, hi, f"tail of {tail:.3f} s is shorter than one clip ({shortest:.3f} s)")
             )
 
     rows: list[dict] = []
-    for index, start in enumerate(starts):
+    for index, (start, clip_frames) in enumerate(clips):
         clip_id = f"{sid}-{index:04d}"
-        end = start + duration
+        end = start + clip_frames / fps
         clip = {
             "clip_id": clip_id,
             "source_id": sid,
@@ -185,7 +218,7 @@ def plan_source(
             "start_s": round(start, 6),
             "end_s": round(end, 6),
             "fps": fps,
-            "num_frames": num_frames,
+            "num_frames": clip_frames,
             "bucket": bucket.name,
             "height": bucket.height,
             "width": bucket.width,
@@ -206,7 +239,7 @@ def plan_source(
                 status="rejected", reason=f"silent ({clip['audio_db']:.1f} dBFS < {silence_db:g} dBFS)"
             )
         elif skip_frozen:
-            score = frozen_score(row, start, num_frames, fps)
+            score = frozen_score(row, start, clip_frames, fps)
             clip["motion"] = round(score, 4)
             if score < frozen_threshold:
                 clip.update(status="rejected", reason=f"frozen picture (mean change {score:.2f}/255)")
@@ -225,7 +258,7 @@ def default_max_shift(num_frames: int, fps: float) -> float:
 def plan(
     sources: list[dict],
     *,
-    num_frames: int = DEFAULT_FRAMES,
+    num_frames: int | tuple[int, ...] = DEFAULT_FRAMES,
     fps: float = DEFAULT_FPS,
     buckets: tuple[Bucket, ...] | str = DEFAULT_BUCKETS,
     stride: int | None = None,
@@ -236,19 +269,24 @@ def plan(
     skip_frozen: bool = False,
     frozen_threshold: float = 1.0,
 ) -> list[dict]:
-    """Rows of the clip plan: kept clips (the ones `encode` will process) and rejected spans, with reasons."""
-    check_frames(num_frames)
+    """Rows of the clip plan: kept clips (the ones `encode` will process) and rejected spans, with reasons.
+    Several `num_frames` are frame buckets (see the module doc)."""
+    lengths = (num_frames,) if isinstance(num_frames, int) else tuple(num_frames)
+    if not lengths:
+        raise DataToolsError("--frames: give at least one frame count")
+    for f in lengths:
+        check_frames(f)
     check_fps(fps)
     if isinstance(buckets, str):
         buckets = parse_buckets(buckets)
-    stride = num_frames if stride is None else int(stride)
-    if stride < 1:
+    stride = None if stride is None else int(stride)  # None: each length's own
+    if stride is not None and stride < 1:
         raise DataToolsError(f"--stride {stride}: must be at least 1 frame")
-    min_frames = num_frames if min_frames is None else int(min_frames)
-    if min_frames < 1:
+    min_frames = None if min_frames is None else int(min_frames)
+    if min_frames is not None and min_frames < 1:
         raise DataToolsError(f"--min-frames {min_frames}: must be at least 1")
     if max_shift_s is None:
-        max_shift_s = default_max_shift(num_frames, fps)
+        max_shift_s = default_max_shift(max(lengths), fps)
     if max_shift_s < 0:
         raise DataToolsError(f"--max-shift {max_shift_s}: must not be negative")
     rows: list[dict] = []
@@ -268,7 +306,7 @@ def plan(
             rows.extend(
                 plan_source(
                     src,
-                    num_frames=num_frames,
+                    num_frames=lengths,
                     fps=fps,
                     buckets=buckets,
                     stride=stride,
@@ -324,7 +362,11 @@ def add_plan_options(parser: argparse.ArgumentParser) -> None:
         "--fps", type=float, default=DEFAULT_FPS, help=f"clip frame rate (default {DEFAULT_FPS:g})"
     )
     parser.add_argument(
-        "--frames", type=int, default=DEFAULT_FRAMES, help=f"frames per clip, 4k+1 (default {DEFAULT_FRAMES})"
+        "--frames",
+        type=str,
+        default=str(DEFAULT_FRAMES),
+        help=f"frames per clip, 4k+1 (default {DEFAULT_FRAMES}); several, e.g. 49,97,193, are frame buckets: each "
+        "span gets the longest that fits, its tail the shorter ones",
     )
     parser.add_argument(
         "--buckets",
@@ -362,14 +404,33 @@ def add_plan_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def parse_frames(text: str | int) -> int | tuple[int, ...]:
+    """`--frames`: one count (`193`) or frame buckets (`49,97,193`), each 4k + 1, longest first."""
+    if isinstance(text, int):
+        return check_frames(text)
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise DataToolsError(f"--frames {text!r}: give frame counts like 193 or 49,97,193") from None
+    if not values:
+        raise DataToolsError(f"--frames {text!r}: give frame counts like 193 or 49,97,193")
+    if len(set(values)) != len(values):
+        raise DataToolsError(f"--frames {text!r} names a frame count twice")
+    for v in values:
+        check_frames(v)
+    return values[0] if len(values) == 1 else tuple(sorted(values, reverse=True))
+
+
 def plan_kwargs(args: argparse.Namespace) -> dict:
+    frames = parse_frames(args.frames)
+    longest = frames if isinstance(frames, int) else frames[0]
     return {
-        "num_frames": check_frames(args.frames),
+        "num_frames": frames,
         "fps": check_fps(args.fps),
         "buckets": parse_buckets(args.buckets),
         "stride": args.stride,
         "min_frames": args.min_frames,
-        "max_shift_s": default_max_shift(args.frames, args.fps) if args.max_shift is None else args.max_shift,
+        "max_shift_s": default_max_shift(longest, args.fps) if args.max_shift is None else args.max_shift,
         "skip_silent": args.skip_silent,
         "silence_db": args.silence_db,
         "skip_frozen": args.skip_frozen,
@@ -386,10 +447,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def summarize_plan(rows: list[dict]) -> str:
     kept = [r for r in rows if r["status"] == "kept"]
     buckets: dict[str, int] = {}
+    frames: dict[int, int] = {}
     for r in kept:
         buckets[r["bucket"]] = buckets.get(r["bucket"], 0) + 1
+        frames[r["num_frames"]] = frames.get(r["num_frames"], 0) + 1
     seconds = sum(r["end_s"] - r["start_s"] for r in kept)
     text = ", ".join(f"{b}: {n}" for b, n in sorted(buckets.items())) or "none"
+    if len(frames) > 1:
+        text += "; frames " + ", ".join(f"{f}: {n}" for f, n in sorted(frames.items()))
     return f"plan: {len(kept)} clips ({seconds / 3600:.3f} h) in buckets {text}; {len(rows) - len(kept)} rejected spans"
 
 

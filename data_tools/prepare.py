@@ -31,7 +31,14 @@ from data_tools.common import (
 )
 from data_tools.distributed import DistContext, distributed_context
 from data_tools.encode import add_encode_options, encode, options_from_args, plan_digest
-from data_tools.plan import add_plan_options, default_max_shift, largest_fitting_frames, plan, plan_kwargs
+from data_tools.plan import (
+    add_plan_options,
+    default_max_shift,
+    largest_fitting_frames,
+    parse_frames,
+    plan,
+    plan_kwargs,
+)
 from data_tools.report import count_reasons, plan_report_rows, skip_kind, summary_line
 from data_tools.scan import add_scan_options, scan, summarize_sources
 from data_tools.shards import PROGRESS_DIR
@@ -85,10 +92,21 @@ def with_trigger_word(caption: str, word: str | None) -> str:
 # the options that decide a folder's shards, and the refusal to mix runs
 
 
+def _frames_option(text) -> int | str:
+    """--frames as recorded: one count as a number (as older folders have it), frame buckets as "49,97,193"."""
+    frames = parse_frames(text)
+    return frames if isinstance(frames, int) else ",".join(str(f) for f in sorted(frames))
+
+
+def _shortest(frames: int | tuple[int, ...]) -> int:
+    """The clip length a source must hold at least once to give a clip (the shortest frame bucket)."""
+    return frames if isinstance(frames, int) else min(frames)
+
+
 def prepare_options(args: argparse.Namespace, world_size: int) -> dict:
     """Every option that changes the tables or the shards, by its flag, as the user gave it (None = default)."""
     return {
-        "--frames": int(args.frames),
+        "--frames": _frames_option(args.frames),
         "--fps": float(args.fps),
         "--buckets": ",".join(b.strip() for b in str(args.buckets).split(",") if b.strip()),
         "--stride": args.stride,
@@ -190,7 +208,8 @@ def _resolved(options: dict) -> dict:
             if resolved.get(key) is None:
                 resolved[key] = frames
         if resolved.get("--max-shift") is None:
-            resolved["--max-shift"] = default_max_shift(frames, fps)
+            longest = max(parse_frames(frames)) if isinstance(frames, str) else frames
+            resolved["--max-shift"] = default_max_shift(longest, fps)
     return resolved
 
 
@@ -281,12 +300,13 @@ def scan_and_plan(
     write_jsonl_atomic(out / SOURCES_NAME, sources)
     write_jsonl_atomic(out / PLAN_NAME, plan_rows)
     log(f"plan: {summary_line(plan_report_rows(sources, plan_rows))}")
-    explanation = explain_plan(sources, plan_rows, out, num_frames=kwargs["num_frames"], fps=kwargs["fps"])
+    shortest = _shortest(kwargs["num_frames"])
+    explanation = explain_plan(sources, plan_rows, out, num_frames=shortest, fps=kwargs["fps"])
     if explanation:
         log(explanation)
     if not any(r["status"] == "kept" for r in plan_rows):
         fits = largest_fitting_frames(sources, kwargs["fps"])
-        try_frames = f"; try --frames {fits}" if fits is not None and fits < kwargs["num_frames"] else ""
+        try_frames = f"; try --frames {fits}" if fits is not None and fits < shortest else ""
         raise DataToolsError(
             f"the clip plan keeps no clip of the {len(sources)} files in {args.input_dir} (reasons above; every "
             f"one: {report_command(out)}){try_frames}"

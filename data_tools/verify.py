@@ -23,6 +23,7 @@ from mova_train.data.contract import (
     ShardFormatError,
     decode_sample,
     load_manifest,
+    shapes_key,
     validate_sample,
 )
 
@@ -99,6 +100,13 @@ def verify(folder: str | Path, *, checkpoint: str | Path | None = None) -> Verif
                 f"codec identity {manifest.codec_identity[:16]}… differs from {checkpoint}'s codecs "
                 f"{expected[:16]}…: re-encode the data with that checkpoint"
             )
+    if manifest.empty_prompt_file:  # caption dropout's empty-prompt embedding, when the folder stores one
+        path = folder / manifest.empty_prompt_file
+        if not path.is_file() or sha256_file(path) != manifest.empty_prompt_sha256:
+            result.problems.append(
+                f"{manifest.empty_prompt_file}: missing or changed since encode (sha256 differs from manifest.json); "
+                "rewrite it with python -m data_tools empty-prompt"
+            )
     listed = {s.name for s in manifest.shards}
     for path in sorted(folder.glob("shard-*.tar")):
         if path.name not in listed:
@@ -143,7 +151,9 @@ def verify(folder: str | Path, *, checkpoint: str | Path | None = None) -> Verif
                 if key in seen:
                     result.problems.append(f"clip {key!r} appears in {seen[key]} and {info.name}")
                 seen[key] = info.name
-                want = manifest.shapes.get(meta["bucket"])
+                want = manifest.shapes.get(
+                    shapes_key(meta["bucket"], meta["num_frames"], manifest.frame_counts)
+                )
                 if want is None:
                     result.problems.append(
                         f"{info.name}: sample {key!r} has bucket {meta['bucket']} not in manifest"
@@ -159,7 +169,12 @@ def verify(folder: str | Path, *, checkpoint: str | Path | None = None) -> Verif
                             result.problems.append(
                                 f"{info.name}: sample {key!r} {name} shape {got}, manifest says {shape}"
                             )
-                if meta["num_frames"] != manifest.num_frames or abs(meta["fps"] - manifest.fps) > 1e-6:
+                frames_ok = (
+                    str(meta["num_frames"]) in manifest.frame_counts
+                    if manifest.frame_counts
+                    else meta["num_frames"] == manifest.num_frames
+                )
+                if not frames_ok or abs(meta["fps"] - manifest.fps) > 1e-6:
                     result.problems.append(
                         f"{info.name}: sample {key!r} has {meta['num_frames']} frames at {meta['fps']} fps, "
                         f"manifest says {manifest.num_frames} at {manifest.fps}"

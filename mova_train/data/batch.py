@@ -1,5 +1,5 @@
-"""Batches: the `Batch` type, the key that decides which samples may share a batch (bucket, shapes, dtypes),
-and the collation of same-key samples (text embeddings zero-padded to text_len)."""
+"""Batches: the `Batch` type, the key that decides which samples may share a batch (bucket, frame count, shapes,
+dtypes), and the collation of same-key samples (text embeddings zero-padded to text_len)."""
 
 from __future__ import annotations
 
@@ -63,8 +63,9 @@ def group_key(meta: dict, tensors: dict[str, torch.Tensor]) -> str:
         return "x".join(str(d) for d in tensors[name].shape)
 
     dtypes = ",".join(str(tensors[n].dtype).removeprefix("torch.") for n in REQUIRED_TENSORS)
+    # The frame count is in the video shape already; named too, so a (bucket, frames) batch reads as such.
     return (
-        f"{meta['bucket']}|video={shape('video')}|first={shape('first_frame')}|audio={shape('audio')}"
+        f"{meta['bucket']}|frames={meta.get('num_frames')}|video={shape('video')}|first={shape('first_frame')}|audio={shape('audio')}"
         f"|text_dim={tensors['text'].shape[-1]}|{dtypes}"
     )
 

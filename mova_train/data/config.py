@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from mova_train.data.contract import parse_bucket
-from mova_train.data.shards import resolve_shards
+from mova_train.data.shards import normalize_shard_spec, resolve_shards
 from mova_train.errors import ConfigValueError
 
 
@@ -16,7 +16,10 @@ from mova_train.errors import ConfigValueError
 class DataConfig:
     """Hydra group `data`: where the shards are and how to stream them."""
 
-    shards: str = ""  # folder with manifest.json, or a brace-expanded URL list "dir/shard-{000..003}.tar"
+    # A folder with manifest.json, or a brace-expanded URL list "dir/shard-{000..003}.tar"; or a list of such shard
+    # sets mixed into one stream, each `{path: DIR, repeats: N}` (read N times per epoch) or `{path: DIR, weight: W}`
+    # (share W of the samples) -- one of the two per list (see shards.normalize_shard_spec).
+    shards: Any = ""
     batch_size: int = 1
     num_workers: int = 0
     shuffle_buffer: int = 64  # samples held per reader for shuffling; 0 or 1 = read order
@@ -28,16 +31,19 @@ class DataConfig:
         True  # each shard's sha256 against the manifest, once per process, before reading it
     )
     max_rejected_fraction: float = 0.1
+    # Probability that a sample's text embedding is replaced by the empty-prompt embedding its shard set stores
+    # (empty_prompt.safetensors); decided per sample by a hash of the seed and its stream position.
+    caption_dropout: float = 0.0
 
     # Named `validated`, not `validate`: `validate` is the data.validate field above.
     def validated(self, *, check_shards: bool = False) -> DataConfig:
         """This config with bucket names stripped; raises ConfigValueError naming the first data.* field that
         cannot work. `check_shards` also resolves data.shards (manifest and shard files present, no sample read),
         as the training config's validation does before any run folder exists."""
-        if not isinstance(self.shards, str) or not self.shards.strip():
-            raise ConfigValueError(
-                "data.shards must name a shard folder (with manifest.json) or a shard URL list"
-            )
+        try:
+            shards = normalize_shard_spec(_plain(self.shards))
+        except ValueError as e:
+            raise ConfigValueError(str(e)) from None
         for name in ("batch_size", "num_workers", "shuffle_buffer"):
             value = getattr(self, name)
             low = 1 if name == "batch_size" else 0
@@ -49,7 +55,10 @@ class DataConfig:
         frac = self.max_rejected_fraction
         if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 <= frac <= 1.0:
             raise ConfigValueError(f"data.max_rejected_fraction must be in [0, 1], got {frac!r}")
-        cfg = self
+        p = self.caption_dropout
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+            raise ConfigValueError(f"data.caption_dropout must be in [0, 1), got {p!r}")
+        cfg = replace(self, shards=shards, caption_dropout=float(p))
         if self.buckets is not None:
             buckets = list(self.buckets)
             if not buckets:
@@ -63,10 +72,19 @@ class DataConfig:
                     parse_bucket(b)
                 except ValueError as e:
                     raise ConfigValueError(f"data.buckets: {e}") from None
-            cfg = replace(self, buckets=[b.strip() for b in buckets])
+            cfg = replace(cfg, buckets=[b.strip() for b in buckets])
         if check_shards:
-            check_shard_spec("data.shards", self.shards)
+            check_shard_spec("data.shards", shards)
         return cfg
+
+
+def _plain(value: Any) -> Any:
+    """An OmegaConf list/dict (data.shards given on the command line) as plain Python containers."""
+    if hasattr(value, "_metadata"):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(value, resolve=True)
+    return value
 
 
 def check_data_config(cfg: DataConfig | Mapping[str, Any]) -> DataConfig:
@@ -86,7 +104,7 @@ def check_data_config(cfg: DataConfig | Mapping[str, Any]) -> DataConfig:
     return cfg.validated()
 
 
-def check_shard_spec(name: str, spec: str) -> None:
+def check_shard_spec(name: str, spec: Any) -> None:
     """The shards `spec` names exist: manifest and shard files present (headers only; no sample is read).
     Raises ConfigValueError naming the config field `name` (data.shards, eval.heldout_shards)."""
     try:

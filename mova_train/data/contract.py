@@ -6,6 +6,7 @@ safetensors only, so a shard can never run code on the node that reads it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -17,7 +18,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from mova_train.checkpoint_io import write_json_atomic
+from mova_train.checkpoint_io import write_bytes_atomic, write_json_atomic
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -27,6 +28,9 @@ SAMPLE_KEYS = (JSON_KEY, LATENTS_KEY)
 REQUIRED_TENSORS = ("video", "first_frame", "audio", "text")
 LATENT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
+# The unpadded text embedding of the empty prompt "", stored once per shard set for caption dropout.
+EMPTY_PROMPT_NAME = "empty_prompt.safetensors"
+EMPTY_PROMPT_TENSOR = "text"  # [n_tokens, Dt]
 
 REQUIRED_META = {
     "clip_id": str,
@@ -217,6 +221,13 @@ class Manifest:
     options: dict = field(default_factory=dict)
     data_tools_version: str = ""
     schema_version: int = SCHEMA_VERSION
+    frame_counts: dict[str, int] = field(
+        default_factory=dict
+    )  # frames per clip ("49", "97", ...) -> clip count
+    empty_prompt_file: str = (
+        ""  # EMPTY_PROMPT_NAME when the set stores it ("" = shards written before it existed)
+    )
+    empty_prompt_sha256: str = ""
 
     def sample_spec(self) -> SampleSpec:
         return SampleSpec(
@@ -227,12 +238,30 @@ class Manifest:
         )
 
 
+def shapes_key(bucket: str, num_frames: int, frame_counts: Mapping[str, int] | None) -> str:
+    """The `Manifest.shapes` key of a clip: its bucket "HxW", or "HxW/F" (F frames) in a set whose clips have
+    several frame counts (`data_tools prepare --frames 49,97,193`), where one bucket holds several shapes."""
+    return bucket if not frame_counts or len(frame_counts) < 2 else f"{bucket}/{num_frames}"
+
+
 def manifest_shapes(shapes: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
     """A bucket's `Manifest.shapes` entry from one sample's tensor shapes: the text length varies from sample to
     sample, so text is recorded as [-1, D]."""
     out = {name: list(shape) for name, shape in shapes.items()}
     out["text"] = [-1, out["text"][-1]]
     return out
+
+
+def write_empty_prompt(folder: str | Path, text: torch.Tensor) -> tuple[str, str]:
+    """Write a shard set's empty-prompt embedding `text` [n_tokens, Dt] as EMPTY_PROMPT_NAME; returns the
+    (file name, sha256) the manifest records (`empty_prompt_file`, `empty_prompt_sha256`)."""
+    if text.ndim != 2 or text.shape[0] < 1:
+        raise ShardFormatError(
+            f"the empty-prompt embedding must be [n_tokens >= 1, D], got {list(text.shape)}"
+        )
+    data = st_save({EMPTY_PROMPT_TENSOR: text.detach().to("cpu").contiguous()})
+    write_bytes_atomic(Path(folder) / EMPTY_PROMPT_NAME, data)
+    return EMPTY_PROMPT_NAME, hashlib.sha256(data).hexdigest()
 
 
 def save_manifest(folder: str | Path, manifest: Manifest) -> None:

@@ -6,6 +6,12 @@ Design (every choice below serves exact resume without replaying the run):
   repeats forever (`resample=true`) or once per epoch (`resample=false`). Pass `p` over the list uses the
   permutation `perm(seed, p)` (identity when `shuffle_shards=false`), the same on every rank. Stream position `j`
   names the shard `list[perm(seed, j // n)[j % n]]`; an epoch `e` of a finite run is `j in [e*n, (e+1)*n)`.
+  With several shard sets (`data.shards` a list with repeats or weights) a pass is a fixed multiset of `n` shard
+  reads over all sets (`ShardMix.pass_order`: a set's shards repeated, plus a seeded subset for a fractional
+  weight), so the mix is as deterministic and resumable as a single set.
+* **Caption dropout.** With `data.caption_dropout=P` a sample's text is replaced by its set's stored empty-prompt
+  embedding when `hash(seed, j, index) < P`: a function of the sample's stream position, so a resumed (or
+  re-split) run drops exactly the same captions.
 * **Splitting.** Rank `r` with `N = max(1, num_workers)` reader slots per rank owns slots `s = r + world_size*w`
   and slot `s` reads every stream position `j` with `j % (world_size*N) == s` (webdataset's split-by-node then
   split-by-worker on shards). Each shard of a pass is read by exactly one slot, so without resampling every sample
@@ -39,16 +45,26 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import random
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mova_train.checkpoint_io import sha256_file
 from mova_train.data.batch import Batch, ParsedSample, build_batch
 from mova_train.data.config import DataConfig, check_data_config
-from mova_train.data.contract import MANIFEST_NAME, Manifest, SampleSpec, ShardFormatError
+from mova_train.data.contract import (
+    EMPTY_PROMPT_TENSOR,
+    MANIFEST_NAME,
+    Manifest,
+    SampleSpec,
+    ShardFormatError,
+)
 from mova_train.data.errors import (
     CodecIdentityError,
     LoaderError,
@@ -57,7 +73,7 @@ from mova_train.data.errors import (
     TooManyRejectedError,
 )
 from mova_train.data.reader import Rejection, SampleChecks, iter_shard
-from mova_train.data.shards import ShardSet, resolve_shards, verify_shard, verify_shard_ahead
+from mova_train.data.shards import ShardMix, ShardSet, resolve_mix, verify_shard, verify_shard_ahead
 from mova_train.data.stats import check_rejected, empty_stats, merge_stats
 
 logger = logging.getLogger(__name__)
@@ -65,6 +81,8 @@ logger = logging.getLogger(__name__)
 STATE_VERSION = 1
 # Layout fields a state may differ in and still be continued, by `ShardLoader.load_resplit_state`.
 _ELASTIC_FIELDS = ("rank", "world_size", "num_workers")
+# Layout fields added after STATE_VERSION 1, with the value every state saved before them had.
+_LAYOUT_DEFAULTS = {"caption_dropout": 0.0}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -76,13 +94,19 @@ class _Plan:
     """Everything a reader needs; picklable so that DataLoader workers get a copy."""
 
     cfg: DataConfig
-    shards: ShardSet
+    shards: ShardMix
     rank: int
     world_size: int
     seed: int
     text_len: int
     spec: SampleSpec
     sample_identity: str | None  # codec identity every sample must carry (None: not checked)
+    # per shard set, the stored empty-prompt embedding [n_tokens, Dt]; empty unless data.caption_dropout > 0
+    empty_prompts: tuple[torch.Tensor, ...] = ()
+
+    @property
+    def pass_length(self) -> int:  # shard reads per pass over all sets (one epoch without resampling)
+        return self.shards.pass_length
 
     @property
     def num_readers(self) -> int:  # reader slots per rank
@@ -102,7 +126,7 @@ def _mix(*parts: object) -> int:
 
 
 def _fresh_slot_state(plan: _Plan, worker: int, epoch: int) -> dict:
-    start = plan.slot(worker) + (0 if plan.cfg.resample else epoch * len(plan.shards.urls))
+    start = plan.slot(worker) + (0 if plan.cfg.resample else epoch * plan.pass_length)
     return {
         "cursor": start,
         "offset": 0,
@@ -126,31 +150,52 @@ class _SlotReader:
         self.slot = plan.slot(worker)
         self.epoch = epoch if not self.cfg.resample else 0
         self.state = _fresh_slot_state(plan, worker, epoch) if state is None else _copy_state(state)
-        n = len(plan.shards.urls)
-        self.stream_end = None if self.cfg.resample else (epoch + 1) * n
+        self.stream_end = None if self.cfg.resample else (epoch + 1) * plan.pass_length
         self._perm_pass = -1
         self._perm: list[int] = []
         self.where = f"rank {plan.rank} reader {worker}"
-        self.checks = SampleChecks(
-            text_len=plan.text_len,
-            spec=plan.spec,
-            sample_identity=plan.sample_identity,
-            validate=self.cfg.validate,
-            buckets=self.cfg.buckets,
-            manifest=plan.shards.manifest,
-        )
+        self.checks = [  # per shard set: each is checked against its own manifest
+            SampleChecks(
+                text_len=plan.text_len,
+                spec=plan.spec,
+                sample_identity=plan.sample_identity,
+                validate=self.cfg.validate,
+                buckets=self.cfg.buckets,
+                manifest=shard_set.manifest,
+            )
+            for shard_set in plan.shards.sets
+        ]
         self.warned: set[str] = set()
 
     # -- shard stream -----------------------------------------------------------------------------------------
     def shard_index(self, j: int) -> int:
-        n = len(self.plan.shards.urls)
+        n = self.plan.pass_length
         p = j // n
         if p != self._perm_pass:
-            order = list(range(n))
-            if self.cfg.shuffle_shards:
-                random.Random(_mix(self.plan.seed, "shards", p)).shuffle(order)
+            order = self.plan.shards.pass_order(self.plan.seed, p, self.cfg.shuffle_shards, _mix)
             self._perm_pass, self._perm = p, order
         return self._perm[j % n]
+
+    def parse(
+        self, raw: dict, j: int, index: int, url: str, count: bool = True
+    ) -> ParsedSample | Rejection | None:
+        """The set's checks, then caption dropout (a function of (seed, j, index) only, so resumes agree)."""
+        set_index = self.plan.shards.set_of[self.shard_index(j)]
+        parsed = self.checks[set_index].parse(raw, j, index, url)
+        stats = self.state["stats"] if count else {}  # a re-read buffered sample was counted when first read
+        if isinstance(parsed, ParsedSample):
+            if len(self.plan.shards.sets) > 1:
+                label = self.plan.shards.labels[set_index]
+                sets = stats.setdefault("sets", {})
+                sets[label] = sets.get(label, 0) + 1
+            p = self.cfg.caption_dropout
+            if p > 0 and _mix(self.plan.seed, "caption_dropout", j, index) / 2.0**64 < p:
+                text = parsed.tensors["text"]
+                empty = self.plan.empty_prompts[set_index].to(text.dtype)  # [n_tokens, Dt]
+                parsed.tensors["text"] = empty
+                parsed.meta = {**parsed.meta, "caption_dropped": True}
+                stats["captions_dropped"] = stats.get("captions_dropped", 0) + 1
+        return parsed
 
     def url(self, j: int) -> str:
         return self.plan.shards.urls[self.shard_index(j)]
@@ -190,7 +235,7 @@ class _SlotReader:
             try:
                 for index, raw in self.open_shard(j, min(wanted)):
                     if index in wanted:
-                        parsed = self.checks.parse(raw, j, index, url)
+                        parsed = self.parse(raw, j, index, url, count=False)
                         if not isinstance(parsed, ParsedSample):
                             raise LoaderStateError(
                                 f"resume: sample {index} of {url} no longer passes validation ({parsed!r}); "
@@ -231,7 +276,7 @@ class _SlotReader:
             pending.setdefault(s.group, []).append(s)
         cfg = self.cfg
         stats = st["stats"]
-        n = len(self.plan.shards.urls)
+        n = self.plan.pass_length
         num_slots = self.plan.num_slots
 
         def add(sample: ParsedSample) -> Batch | None:
@@ -252,7 +297,7 @@ class _SlotReader:
                 for index, raw in self.open_shard(j, st["offset"]):
                     st["offset"] = index + 1
                     stats["seen"] += 1
-                    parsed = self.checks.parse(raw, j, index, url)
+                    parsed = self.parse(raw, j, index, url)
                     if parsed is None:
                         stats["filtered"] += 1
                         continue
@@ -330,7 +375,12 @@ def _copy_state(state: dict) -> dict:
         "buffer": [list(r) for r in state["buffer"]],
         "pending": [list(r) for r in state["pending"]],
         "queue": [list(q) for q in state.get("queue", [])],
-        "stats": {**stats, "rejected": dict(stats["rejected"]), "examples": dict(stats["examples"])},
+        "stats": {
+            **stats,
+            "rejected": dict(stats["rejected"]),
+            "examples": dict(stats["examples"]),
+            **({"sets": dict(stats["sets"])} if "sets" in stats else {}),
+        },
     }
 
 
@@ -397,7 +447,7 @@ class ShardLoader:
 
     # -- public properties ------------------------------------------------------------------------------------
     @property
-    def shards(self) -> ShardSet:
+    def shards(self) -> ShardMix:
         return self.plan.shards
 
     @property
@@ -503,6 +553,7 @@ class ShardLoader:
             "validate": cfg.validate,
             "text_len": self.plan.text_len,
             "shards": self.plan.shards.fingerprint(),
+            "caption_dropout": cfg.caption_dropout,
         }
 
     def state_dict(self) -> dict:
@@ -526,7 +577,7 @@ class ShardLoader:
                 f"this version reads {STATE_VERSION}"
             )
         mine = self._layout()
-        theirs = state.get("layout", {})
+        theirs = {**_LAYOUT_DEFAULTS, **state.get("layout", {})}
         for name, value in mine.items():
             if theirs.get(name) != value:
                 what = "shard set (names and sample counts)" if name == "shards" else name
@@ -560,7 +611,9 @@ class ShardLoader:
         reader reached are shared out again, and the samples held in shuffle buffers and pending batches are
         handed to the new readers. The order differs from an uninterrupted run (it cannot match)."""
         plan, cfg = self.plan, self.cfg
-        layouts = [s.get("layout", {}) if isinstance(s, Mapping) else {} for s in states]
+        layouts = [
+            {**_LAYOUT_DEFAULTS, **(s.get("layout", {}) if isinstance(s, Mapping) else {})} for s in states
+        ]
         if not states or any(s.get("version") != STATE_VERSION for s in states):
             raise LoaderStateError(
                 f"loader states of {len(states)} rank(s) are missing or of another version"
@@ -584,14 +637,14 @@ class ShardLoader:
                 "shards): resume with the same number of ranks"
             )
         epoch = epochs.pop()
-        n = len(plan.shards.urls)
+        n = plan.pass_length
         end = None if cfg.resample else (epoch + 1) * n
         slots: list[dict] = []
         for rank, state in enumerate(states):
             readers = {int(w): s for w, s in state["readers"].items()}
             for w in range(old_readers):
                 slot_plan = _Plan(cfg, plan.shards, rank, old_world, plan.seed, plan.text_len, plan.spec,
-                                  plan.sample_identity)  # fmt: skip
+                                  plan.sample_identity, plan.empty_prompts)  # fmt: skip
                 slots.append(readers.get(w) or _fresh_slot_state(slot_plan, w, epoch))
         # Positions each old reader started (partial) or will never reach (untouched), below the frontier.
         live = [s for s in slots if not s["done"] and (end is None or s["cursor"] < end)]
@@ -662,28 +715,39 @@ def build_loader(
         raise ValueError(f"text_len must be a positive integer, got {text_len!r}")
     if not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}")
-    shards = resolve_shards(cfg.shards)
+    shards = resolve_mix(cfg.shards)
     manifest = shards.manifest
-    if not cfg.resample and len(shards.urls) < world_size:
+    if not cfg.resample and shards.pass_length < world_size:
         raise ValueError(
-            f"data.shards has {len(shards.urls)} shard(s) for world_size {world_size}: with data.resample=false "
-            "every rank needs at least one shard; write more shards or set data.resample=true"
+            f"data.shards has {shards.pass_length} shard read(s) per epoch for world_size {world_size}: with "
+            "data.resample=false every rank needs at least one shard; write more shards or set data.resample=true"
         )
     sample_identity = expected_codec_identity
-    if manifest is not None:
-        if expected_codec_identity is not None and manifest.codec_identity != expected_codec_identity:
+    with_manifest = [s for s in shards.sets if s.manifest is not None]
+    for shard_set in with_manifest:
+        m = shard_set.manifest
+        if expected_codec_identity is not None and m.codec_identity != expected_codec_identity:
             raise CodecIdentityError(
-                f"{shards.manifest_path}: the shards were encoded by codecs {manifest.codec_identity!r}, the base "
+                f"{shard_set.manifest_path}: the shards were encoded by codecs {m.codec_identity!r}, the base "
                 f"checkpoint's codecs are {expected_codec_identity!r}; re-encode the data with this checkpoint "
                 "(python -m data_tools) or point data.shards at data encoded with it"
             )
+        first = with_manifest[0]
+        if m.codec_identity != first.manifest.codec_identity:
+            raise CodecIdentityError(
+                f"data.shards: {shard_set.manifest_path} was encoded by codecs {m.codec_identity!r}, "
+                f"{first.manifest_path} by {first.manifest.codec_identity!r}; every shard set of one run must be "
+                "encoded with the same codecs (the base checkpoint's)"
+            )
+    if with_manifest:
+        manifest = with_manifest[0].manifest
         sample_identity = manifest.codec_identity
-        if cfg.buckets is not None and manifest.buckets:
-            unknown = [b for b in cfg.buckets if b not in manifest.buckets]
+        available = {b for s in with_manifest for b in s.manifest.buckets}
+        if cfg.buckets is not None and available:
+            unknown = [b for b in cfg.buckets if b not in available]
             if unknown:
-                raise ValueError(
-                    f"data.buckets {unknown} not in {shards.manifest_path}; available: {sorted(manifest.buckets)}"
-                )
+                where = shards.manifest_path if len(shards.sets) == 1 else "any shard set's manifest"
+                raise ValueError(f"data.buckets {unknown} not in {where}; available: {sorted(available)}")
         spec = SampleSpec(
             video_channels=manifest.video_channels,
             audio_channels=manifest.audio_channels,
@@ -697,6 +761,11 @@ def build_loader(
                 MANIFEST_NAME,
             )
         spec = SampleSpec()
+    empty_prompts = (
+        tuple(load_empty_prompt(s, spec.text_dim, text_len) for s in shards.sets)
+        if cfg.caption_dropout > 0
+        else ()
+    )
     plan = _Plan(
         cfg=cfg,
         shards=shards,
@@ -706,10 +775,12 @@ def build_loader(
         text_len=text_len,
         spec=spec,
         sample_identity=sample_identity,
+        empty_prompts=empty_prompts,
     )
-    total = manifest.num_samples if manifest is not None else None
+    known = [s.manifest.num_samples for s in shards.sets if s.manifest is not None]
+    total = sum(known) if len(known) == len(shards.sets) else None
     logger.info(
-        "data: rank %d/%d reads %d shard(s)%s, batch %d, %d worker(s), resample=%s",
+        "data: rank %d/%d reads %d shard(s)%s, batch %d, %d worker(s), resample=%s, caption_dropout=%g",
         rank,
         world_size,
         len(shards.urls),
@@ -717,8 +788,48 @@ def build_loader(
         cfg.batch_size,
         cfg.num_workers,
         cfg.resample,
+        cfg.caption_dropout,
     )
+    if len(shards.sets) > 1 and rank == 0:
+        logger.info("data: %d shard sets: %s", len(shards.sets), shards.describe())
     return ShardLoader(plan)
 
 
-__all__ = ["STATE_VERSION", "ShardLoader", "build_loader"]
+def load_empty_prompt(shard_set: ShardSet, text_dim: int | None, text_len: int) -> torch.Tensor:
+    """The empty-prompt text embedding [n_tokens, Dt] a shard set stores for caption dropout (manifest field
+    `empty_prompt_file`, checked against its sha256). Raises LoaderError saying how to add it when it is missing."""
+    where = shard_set.manifest_path or shard_set.urls[0]
+    m = shard_set.manifest
+    if m is None or not m.empty_prompt_file:
+        folder = Path(shard_set.manifest_path).parent if shard_set.manifest_path else "SHARDS"
+        raise LoaderError(
+            f"data.caption_dropout needs the empty-prompt embedding, and {where} records none (shards written "
+            f"before it existed, or no manifest); add it with: python -m data_tools empty-prompt {folder} "
+            "--checkpoint CKPT"
+        )
+    path = Path(shard_set.manifest_path).parent / m.empty_prompt_file
+    try:
+        digest = sha256_file(path)
+        if digest != m.empty_prompt_sha256:
+            raise LoaderError(
+                f"{path}: its sha256 differs from the one {where} records (changed since it was written); "
+                "rewrite it with python -m data_tools empty-prompt"
+            )
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise LoaderError(f"{path}: cannot read the empty-prompt embedding ({e})") from None
+    text = tensors.get(EMPTY_PROMPT_TENSOR)
+    if (
+        text is None
+        or text.ndim != 2
+        or not 1 <= text.shape[0] <= text_len
+        or (text_dim is not None and text.shape[1] != text_dim)
+    ):
+        got = None if text is None else list(text.shape)
+        raise LoaderError(
+            f"{path}: tensor {EMPTY_PROMPT_TENSOR!r} has shape {got}, expected [1..{text_len}, {text_dim or 'D'}]"
+        )
+    return text
+
+
+__all__ = ["STATE_VERSION", "ShardLoader", "build_loader", "load_empty_prompt"]

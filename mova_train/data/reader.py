@@ -22,6 +22,7 @@ from mova_train.data.contract import (
     ShardFormatError,
     all_finite,
     decode_sample,
+    shapes_key,
     validate_sample,
 )
 from mova_train.data.errors import ShardReadError
@@ -158,13 +159,14 @@ class SampleChecks:
         manifest = self.manifest
         if manifest is None or not manifest.shapes:
             return None
-        shapes = manifest.shapes.get(meta["bucket"])
+        key = shapes_key(meta["bucket"], meta.get("num_frames"), manifest.frame_counts)
+        shapes = manifest.shapes.get(key)
         if shapes is None:
-            return f"bucket {meta['bucket']!r} is not in the manifest (buckets: {sorted(manifest.shapes)})"
+            return f"bucket {key!r} is not in the manifest (buckets: {sorted(manifest.shapes)})"
         for name, want in shapes.items():
             if name not in tensors:
                 continue
             got = list(tensors[name].shape)
             if len(got) != len(want) or any(w != -1 and w != g for w, g in zip(want, got)):
-                return f"{name} shape {got}, the manifest says {want} for bucket {meta['bucket']}"
+                return f"{name} shape {got}, the manifest says {want} for bucket {key}"
         return None

@@ -1,15 +1,20 @@
-"""The shard set that `data.shards` names: a folder with `manifest.json` or a brace-expanded URL list, resolved
-to shard URLs in canonical order with their sample counts, and the fingerprint a saved loader state records."""
+"""The shard sets that `data.shards` names: a folder with `manifest.json` or a brace-expanded URL list, resolved
+to shard URLs in canonical order with their sample counts, and the fingerprint a saved loader state records; or a
+list of such sets, each with `repeats` or a `weight`, mixed into one stream (`ShardMix`)."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
 import logging
+import math
 import os
+import random
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from webdataset.shardlists import expand_urls
 
@@ -137,7 +142,15 @@ def _is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
 
-def resolve_shards(spec: str) -> ShardSet:
+def resolve_shards(spec: Any) -> ShardSet | ShardMix:
+    """The shards `spec` (a data.shards value) names: one `ShardSet` for a folder or URL list, a `ShardMix` for a
+    list of shard sets. Both give the `fingerprint()` a saved loader state records."""
+    if isinstance(spec, str):
+        return resolve_shard_set(spec)
+    return resolve_mix(spec)
+
+
+def resolve_shard_set(spec: str) -> ShardSet:
     """Read a shard folder's manifest, or expand a URL list (and use a manifest next to it when there is one)."""
     spec = spec.strip()
     folder = Path(spec)
@@ -192,3 +205,196 @@ def resolve_shards(spec: str) -> ShardSet:
                 raise ShardFormatError(f"{manifest_path} does not list shard {unknown[0]}")
             counts = tuple(by_name[Path(u).name] for u in urls)
     return ShardSet(urls, counts, manifest, manifest_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Several shard sets mixed into one stream
+
+SOURCE_KEYS = ("path", "repeats", "weight")
+
+
+def normalize_shard_spec(spec: Any, name: str = "data.shards") -> str | list[dict]:
+    """`data.shards` as a stripped string (one shard set) or a list of `{path, repeats}` / `{path, weight}` dicts
+    (a plain string entry is `{path: it}`). Raises ValueError naming the entry and field (`data.shards[1].weight`).
+
+    `repeats` (integer >= 1) reads a set that many times per epoch; `weight` (number > 0) gives a set that share of
+    the stream's samples relative to the other sets' weights, whatever their sizes. One list uses one of the two:
+    an entry without it has repeats 1 / weight 1."""
+    if isinstance(spec, str):
+        if not spec.strip():
+            raise ValueError(f"{name} must name a shard folder (with manifest.json) or a shard URL list")
+        return spec.strip()
+    if isinstance(spec, Mapping) or not isinstance(spec, Sequence) or not spec:
+        raise ValueError(
+            f"{name} must be a shard folder / URL list, or a non-empty list of shard sets "
+            f"[{{path: DIR, repeats: N}} or {{path: DIR, weight: W}}, ...]; got {spec!r}"
+        )
+    entries: list[dict] = []
+    for i, raw in enumerate(spec):
+        at = f"{name}[{i}]"
+        entry = {"path": raw} if isinstance(raw, str) else raw
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{at} must be a path or a mapping with keys {list(SOURCE_KEYS)}, got {raw!r}")
+        unknown = sorted(set(entry) - set(SOURCE_KEYS))
+        if unknown:
+            raise ValueError(f"{at}: unknown key(s) {unknown}; allowed: {list(SOURCE_KEYS)}")
+        path = entry.get("path")
+        if not isinstance(path, str) or not path.strip():
+            raise ValueError(f"{at}.path must name a shard folder or a shard URL list, got {path!r}")
+        out = {"path": path.strip()}
+        if "repeats" in entry:
+            r = entry["repeats"]
+            if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+                raise ValueError(f"{at}.repeats must be an integer >= 1, got {r!r}")
+            out["repeats"] = r
+        if "weight" in entry:
+            w = entry["weight"]
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w > 0):
+                raise ValueError(f"{at}.weight must be a number > 0, got {w!r}")
+            out["weight"] = float(w)
+        entries.append(out)
+    weighted = [i for i, e in enumerate(entries) if "weight" in e]
+    repeated = [i for i, e in enumerate(entries) if "repeats" in e]
+    if weighted and repeated:
+        raise ValueError(
+            f"{name}: entries {weighted} give a weight and entries {repeated} give repeats; use one of the two "
+            "in one list (weight = share of the samples, repeats = times per epoch)"
+        )
+    paths = [e["path"] for e in entries]
+    twice = sorted({p for p in paths if paths.count(p) > 1})
+    if twice:
+        raise ValueError(f"{name} names {twice[0]!r} twice; give it `repeats` or a `weight` instead")
+    for e in entries:
+        e.setdefault("weight" if weighted else "repeats", 1.0 if weighted else 1)
+    return entries
+
+
+@dataclass(frozen=True)
+class ShardMix:
+    """One or more shard sets read as one stream of shard positions.
+
+    The shards of all sets are listed once, set after set (`urls`, `num_samples`, `checksums`, `set_of`). A *pass*
+    is a fixed multiset of those shards: set s contributes `slots[s]` shard reads, i.e. each of its shards
+    `slots[s] // n_s` times plus `slots[s] % n_s` of them chosen per pass by the seed (the fractional part of a
+    weight). Pass p is that list shuffled with the seed (`shuffle_shards`), so a stream position maps to a shard
+    by arithmetic alone: exact and elastic resume need no extra state. One set read once per pass is exactly the
+    single-set stream of before (same order, same fingerprint)."""
+
+    sets: tuple[ShardSet, ...]
+    labels: tuple[str, ...]  # each set's path as configured
+    slots: tuple[int, ...]  # shard reads per pass, by set
+    entries: tuple[dict, ...] = field(
+        default=()
+    )  # the normalized data.shards entries ({} for a plain string)
+
+    @functools.cached_property
+    def urls(self) -> tuple[str, ...]:
+        return tuple(u for s in self.sets for u in s.urls)
+
+    @functools.cached_property
+    def num_samples(self) -> tuple[int | None, ...]:
+        return tuple(c for s in self.sets for c in s.num_samples)
+
+    @functools.cached_property
+    def checksums(self) -> tuple[str | None, ...]:
+        return tuple(c for s in self.sets for c in s.checksums)
+
+    @functools.cached_property
+    def set_of(self) -> tuple[int, ...]:
+        """The set index of each entry of `urls`."""
+        return tuple(i for i, s in enumerate(self.sets) for _ in s.urls)
+
+    @property
+    def manifest(self) -> Manifest | None:
+        """The first set's manifest (every set shares its codec identity, checked by the loader)."""
+        return self.sets[0].manifest
+
+    @property
+    def manifest_path(self) -> str | None:
+        return self.sets[0].manifest_path
+
+    @property
+    def pass_length(self) -> int:
+        """Shard reads per pass (one epoch of a data.resample=false run)."""
+        return sum(self.slots)
+
+    def fingerprint(self) -> str:
+        if len(self.sets) == 1 and self.slots[0] == len(self.sets[0].urls):
+            return self.sets[0].fingerprint()  # a plain shard set resumes states saved before mixes existed
+        text = "\n".join(f"{s.fingerprint()}:{n}" for s, n in zip(self.sets, self.slots))
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+    def pass_order(self, seed: int, p: int, shuffle: bool, mix) -> list[int]:
+        """Indices into `urls` of pass `p`, in reading order; `mix(*parts)` is the loader's seeded hash."""
+        order: list[int] = []
+        start = 0
+        for s, (shard_set, slots) in enumerate(zip(self.sets, self.slots)):
+            n = len(shard_set.urls)
+            whole, part = divmod(slots, n)
+            order += [start + i for _ in range(whole) for i in range(n)]
+            if part:
+                order += sorted(
+                    start + i for i in random.Random(mix(seed, "mix", s, p)).sample(range(n), part)
+                )
+            start += n
+        if shuffle:
+            random.Random(mix(seed, "shards", p)).shuffle(order)
+        return order
+
+    def describe(self) -> str:
+        """One line per set for the loader's log: shards, samples, reads per pass and share of the stream."""
+        parts = []
+        per_pass = [self._samples_per_pass(i) for i in range(len(self.sets))]
+        known = None not in per_pass
+        total = sum(per_pass) if known else 0
+        for i, (label, s) in enumerate(zip(self.labels, self.sets)):
+            samples = s.manifest.num_samples if s.manifest is not None else None
+            share = f", {per_pass[i] / total:.1%} of the samples" if known and total else ""
+            parts.append(
+                f"{label}: {len(s.urls)} shard(s)"
+                + (f", {samples} samples" if samples is not None else "")
+                + f", {self.slots[i] / len(s.urls):g} read(s) per epoch{share}"
+            )
+        return "; ".join(parts)
+
+    def _samples_per_pass(self, i: int) -> float | None:
+        counts = self.sets[i].num_samples
+        if None in counts:
+            return None
+        return sum(counts) * self.slots[i] / len(counts)
+
+
+def resolve_mix(spec: Any) -> ShardMix:
+    """The `ShardMix` of a data.shards value (a string: one set read once per pass). Raises ValueError naming the
+    entry for a bad spec, a set without sample counts that is given a weight, or an unreadable set."""
+    entries = normalize_shard_spec(spec)
+    if isinstance(entries, str):
+        shard_set = resolve_shard_set(entries)
+        return ShardMix((shard_set,), (entries,), (len(shard_set.urls),), ({},))
+    sets = []
+    for i, e in enumerate(entries):
+        try:
+            sets.append(resolve_shard_set(e["path"]))
+        except ValueError as err:
+            raise type(err)(f"data.shards[{i}] ({e['path']}): {err}") from None
+    if "repeats" in entries[0]:
+        slots = [e["repeats"] * len(s.urls) for e, s in zip(entries, sets)]
+    else:
+        sizes = []
+        for i, (e, s) in enumerate(zip(entries, sets)):
+            if None in s.num_samples:
+                raise ValueError(
+                    f"data.shards[{i}] ({e['path']}): a weight needs the sample counts of a {MANIFEST_NAME}; "
+                    "give the folder, or use repeats"
+                )
+            sizes.append(sum(s.num_samples))
+        if 0 in sizes:
+            raise ValueError(f"data.shards[{sizes.index(0)}] has no samples")
+        # The set with the most samples for its weight is read once per pass; the others are read as often as
+        # their weight asks (at least once), in whole shards.
+        scale = max(n / e["weight"] for n, e in zip(sizes, entries))
+        slots = [
+            max(len(s.urls), round(scale * e["weight"] / n * len(s.urls)))
+            for n, e, s in zip(sizes, entries, sets)
+        ]
+    return ShardMix(tuple(sets), tuple(e["path"] for e in entries), tuple(slots), tuple(entries))

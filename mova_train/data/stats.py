@@ -22,6 +22,12 @@ def merge_stats(parts: list[dict]) -> dict:
             out["rejected"][reason] = out["rejected"].get(reason, 0) + n
         for reason, msg in p["examples"].items():
             out["examples"].setdefault(reason, msg)
+        # accepted samples by shard set (several sets only) and captions dropped, when there were any
+        for label, n in p.get("sets", {}).items():
+            sets = out.setdefault("sets", {})
+            sets[label] = sets.get(label, 0) + n
+        if p.get("captions_dropped"):
+            out["captions_dropped"] = out.get("captions_dropped", 0) + p["captions_dropped"]
     out["rejected"] = dict(sorted(out["rejected"].items()))
     out["rejected_total"] = sum(out["rejected"].values())
     return out

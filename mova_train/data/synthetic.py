@@ -23,6 +23,8 @@ from mova_train.data.contract import (
     manifest_shapes,
     parse_bucket,
     save_manifest,
+    shapes_key,
+    write_empty_prompt,
 )
 from mova_train.data.contract import shard_name as contract_shard_name
 
@@ -101,12 +103,17 @@ def write_shard_set(
     *,
     codec_identity: str = "synthetic-codecs",
     checkpoint_identity: str = "synthetic-checkpoint",
+    empty_prompt: torch.Tensor | None = None,
 ) -> Manifest:
-    """Write `shards[i]` as `shard-000-0000i.tar` plus a `manifest.json` describing them; returns the manifest."""
+    """Write `shards[i]` as `shard-000-0000i.tar` plus a `manifest.json` describing them; returns the manifest.
+    `empty_prompt` ([n_tokens, Dt]) is stored as the set's empty-prompt embedding (for caption dropout)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     infos, buckets, shapes = [], {}, {}
     first_meta, first_tensors = shards[0][0]
+    frame_counts: dict[str, int] = {}
+    for meta, _ in (s for shard in shards for s in shard):
+        frame_counts[str(meta["num_frames"])] = frame_counts.get(str(meta["num_frames"]), 0) + 1
     for i, samples in enumerate(shards):
         path = out / shard_name(i)
         write_shard(path, samples)
@@ -115,7 +122,8 @@ def write_shard_set(
         for meta, tensors in samples:
             buckets[meta["bucket"]] = buckets.get(meta["bucket"], 0) + 1
             shapes.setdefault(
-                meta["bucket"], manifest_shapes({n: tensors[n].shape for n in REQUIRED_TENSORS})
+                shapes_key(meta["bucket"], meta["num_frames"], frame_counts),
+                manifest_shapes({n: tensors[n].shape for n in REQUIRED_TENSORS}),
             )
     all_samples = [s for shard in shards for s in shard]
     manifest = Manifest(
@@ -133,7 +141,10 @@ def write_shard_set(
         total_seconds=sum(m["end_s"] - m["start_s"] for m, _ in all_samples),
         options={"synthetic": True},
         data_tools_version="synthetic",
+        frame_counts=dict(sorted(frame_counts.items(), key=lambda kv: int(kv[0]))),
     )
+    if empty_prompt is not None:
+        manifest.empty_prompt_file, manifest.empty_prompt_sha256 = write_empty_prompt(out, empty_prompt)
     save_manifest(out, manifest)
     return manifest
 
