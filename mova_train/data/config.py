@@ -7,8 +7,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from mova_train.data.contract import parse_bucket
-from mova_train.data.shards import resolve_shards
 from mova_train.errors import ConfigValueError
 
 
@@ -59,6 +57,8 @@ class DataConfig:
             for b in buckets:
                 if not isinstance(b, str):
                     raise ConfigValueError(f"data.buckets entries must be 'HxW' strings, got {b!r}")
+                from mova_train.data.contract import parse_bucket  # torch: imported on use (fast --help)
+
                 try:
                     parse_bucket(b)
                 except ValueError as e:
@@ -89,6 +89,8 @@ def check_data_config(cfg: DataConfig | Mapping[str, Any]) -> DataConfig:
 def check_shard_spec(name: str, spec: str) -> None:
     """The shards `spec` names exist: manifest and shard files present (headers only; no sample is read).
     Raises ConfigValueError naming the config field `name` (data.shards, eval.heldout_shards)."""
+    from mova_train.data.shards import resolve_shards  # torch: imported on use (fast --help)
+
     try:
         resolve_shards(spec)
     except ValueError as e:

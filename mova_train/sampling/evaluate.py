@@ -16,6 +16,7 @@ import torch
 
 from mova_train.checkpoint_io import write_json_atomic
 from mova_train.models import FlowMatchScheduler, expert_for_timestep
+from mova_train.progress import Progress
 from mova_train.sampling.inputs import PromptItem, SamplingError
 from mova_train.sampling.pipeline import MovaPipeline
 from mova_train.sampling.render import render_stem, save_render
@@ -88,7 +89,8 @@ def render_eval(
     )
     step_dir = Path(out_dir) / f"step-{int(step):06d}"
     records = []
-    for i, item in enumerate(items):
+    shown = Progress(items, desc=f"eval renders (step {int(step)})", unit="render", disable=not progress)
+    for i, item in enumerate(shown):
         item_seed = item.seed if item.seed is not None else seed + i
         (render,) = generate(
             pipeline,
@@ -97,7 +99,7 @@ def render_eval(
             negative_prompt=item.negative_prompt if item.negative_prompt is not None else default_negative,
             image=item.image if item.image is not None else default_image,
             seed=item_seed,
-            progress=progress,
+            progress=False,  # one line per render (above), not a bar per denoising loop
             **options,
         )
         record = save_render(

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from mova_train.models import EXPERTS, FlowMatchScheduler, expert_for_timestep
+from mova_train.progress import Progress
 from mova_train.sampling.inputs import (
     DEFAULT_NEGATIVE_PROMPT,
     SampleShape,
@@ -277,14 +277,16 @@ def _denoise(
         for phase in phases:
             pipeline.ensure_expert(phase[0].expert)
             label = f"{phase[0].expert} ({len(states)} render{'s' if len(states) > 1 else ''})"
-            with tqdm(total=len(phase) * len(states), desc=label, disable=not progress, leave=False) as bar:
+            with Progress(
+                total=len(phase) * len(states), desc=label, disable=not progress, leave=False
+            ) as bar:
                 for state in states:
                     for step in phase:
                         _step(pipeline, state, step, shape, scale_video, scale_audio)
                         bar.update(1)
         return
     for n, state in enumerate(states):
-        with tqdm(
+        with Progress(
             total=len(plan), desc=f"render {n + 1}/{len(states)}", disable=not progress, leave=False
         ) as bar:
             for phase in phases:
