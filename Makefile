@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+# The package index torch comes from, e.g. `make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu` (the CPU-only
+# build, no CUDA libraries) or .../whl/cu128; empty = pip's default index (on Linux that wheel bundles CUDA).
+TORCH_INDEX ?=
 DEMO_OUT ?= demo_out
 # Every other package at the exact version the tests (and the golden-loss file) were made with; `make lock` refreshes it.
 LOCK := requirements/lock.txt
@@ -13,7 +16,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -c $(LOCK) pip
 	# torch first, pinned, so the project's range is already satisfied and no CUDA wheels are pulled
-	$(PY) -m pip install -c $(LOCK) "$(TORCH_SPEC)"
+	$(PY) -m pip install -c $(LOCK) "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -c $(LOCK) -e ".[dev]"
 	touch $@
 
@@ -36,6 +39,7 @@ format: setup
 	$(PY) -m ruff check --fix .
 
 bench: setup
+	$(PY) -m mova_train.bench cli --demo-out $(DEMO_OUT)
 	$(PY) -m mova_train.bench model
 	$(PY) -m mova_train.bench codecs
 	$(PY) -m data_tools bench

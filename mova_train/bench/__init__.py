@@ -13,6 +13,11 @@ import sys
 
 # name -> (module, function, one-line description)
 COMMANDS = {
+    "cli": (
+        "mova_train.bench.cli",
+        "run_cli_bench",
+        "start-up time of every command's --help, its heavy imports, and the last demo's stage timings",
+    ),
     "model": (
         "mova_train.bench.models",
         "run_model_bench",
