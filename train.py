@@ -11,7 +11,9 @@ import sys
 import hydra
 
 from mova_train.config import register_configs
+from mova_train.upstream import silence_known_banners
 
+silence_known_banners()  # before DeepSpeed / matplotlib are imported by the trainer (see KNOWN_BANNERS)
 register_configs()
 
 

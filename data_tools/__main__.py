@@ -72,6 +72,9 @@ def _command_of(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from mova_train.upstream import silence_known_banners
+
+    silence_known_banners()
     from data_tools.common import DataToolsError
 
     argv = sys.argv[1:] if argv is None else list(argv)

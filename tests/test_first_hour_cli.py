@@ -170,8 +170,12 @@ def test_train_py_config_error_is_one_line_from_rank_0_and_silent_elsewhere(
 
 
 def test_known_banners_are_dropped_and_other_messages_kept():
-    import mova_train  # noqa: F401 - importing the package installs the filters
-    from mova_train.upstream import KNOWN_BANNERS
+    from mova_train.upstream import KNOWN_BANNERS, _DropPrefixes, silence_known_banners
+
+    silence_known_banners()
+    silence_known_banners()  # idempotent: one filter per logger
+    for name in KNOWN_BANNERS:
+        assert sum(isinstance(f, _DropPrefixes) for f in logging.getLogger(name).filters) == 1
 
     seen: list[str] = []
 

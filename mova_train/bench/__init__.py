@@ -43,6 +43,9 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mova_train.upstream import silence_known_banners
+
+    silence_known_banners()
     argv = sys.argv[1:] if argv is None else list(argv)
     top = argparse.ArgumentParser(
         prog="python -m mova_train.bench",
