@@ -19,7 +19,9 @@ if TYPE_CHECKING:  # transformers is imported only by the functions that need it
 
 # --- third-party banners ----------------------------------------------------------------------------------------
 # Messages that say nothing a user can act on, printed once per process (so once per rank plus once by the launcher).
-# Each entry: logger name -> message prefixes dropped from it, with why.
+# Each entry: logger name -> message prefixes dropped from it, with why. Two banners are fixed where they start
+# instead: setuptools' "`project.license` as a TOML table is deprecated" (twice per `make setup`) by an SPDX string in
+# pyproject.toml, and the launcher's own OMP_NUM_THREADS / accelerator lines by `quiet_launcher_env` below.
 KNOWN_BANNERS: dict[str, tuple[str, ...]] = {
     # DeepSpeed 0.19.8 `accelerator/real_accelerator.py`, on every import without a GPU: on a CPU machine that is
     # the intended accelerator (the demo, the tests), and on a GPU machine torch's own CUDA errors say more.
