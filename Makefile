@@ -15,8 +15,10 @@ LOCK := requirements/lock.txt
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -c $(LOCK) pip
-	# torch first, pinned, so the project's range is already satisfied and no CUDA wheels are pulled
-	$(PY) -m pip install -c $(LOCK) "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	# torch first, pinned, so the project's range is already satisfied and pip never picks another torch
+	# With TORCH_INDEX, only torch comes from there (--no-deps); its dependencies come with the next line, at the
+	# lock's versions, from the default index.
+	$(PY) -m pip install -c $(LOCK) "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--no-deps --index-url $(TORCH_INDEX))
 	$(PY) -m pip install -c $(LOCK) -e ".[dev]"
 	touch $@
 
