@@ -11,8 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-from mova_train.progress import format_duration
-
 EPILOG = """\
 examples:
   python -m mova_train.cli.sample --checkpoint checkpoints/MOVA-360p --image ref.png \\
@@ -140,14 +138,9 @@ def _run(args) -> int:
     from mova_train.sampling.sampler import generate
 
     started = time.perf_counter()
-    if not args.quiet:  # loading a full-size base takes minutes: say so, also when stderr is a log file
-        print(f"sample: loading {args.checkpoint} on {device} ({dtype_name})", file=sys.stderr, flush=True)
     pipeline = load_pipeline(
         args.checkpoint, loras=loras, offload_experts=args.offload_experts, device=device, dtype=dtype
     )
-    if not args.quiet:
-        loaded_s = time.perf_counter() - started
-        print(f"sample: loaded in {format_duration(loaded_s)}", file=sys.stderr, flush=True)
     out_dir = Path(args.out)
     records = []
     for i, item in enumerate(items):

@@ -36,7 +36,6 @@ from mova_train.lora.config import LoraConfig, LoraError, lora_config_from_dict
 from mova_train.lora.inject import extract_lora_state, parse_canonical_key
 from mova_train.lora.safetensors_io import read_safetensors, write_json, write_safetensors
 from mova_train.names import WEIGHTS_NAME, adapter_key
-from mova_train.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -307,32 +306,21 @@ def export_merged(
     meta = _file_metadata(source, "merged", {"merged_scale": repr(float(scale)), "merged_into": identity})
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    # a full-size base is ~73 GB: a bar on a terminal, a line every MOVA_PROGRESS_EVERY_S seconds in a log
-    num_files = sum(1 for p in base.rglob("*") if p.is_file())
-    with Progress(total=num_files, desc="export merged", unit="file") as bar:
-        for entry in sorted(base.iterdir()):
-            dest = out / entry.name
-            if entry.name in targets:
-                written += _merge_component(entry, dest, source, targets[entry.name], factor, meta, bar)
-            elif entry.is_dir():
-                shutil.copytree(entry, dest, dirs_exist_ok=True)
-                bar.update(sum(1 for p in entry.rglob("*") if p.is_file()))
-            else:
-                shutil.copyfile(entry, dest)
-                bar.update(1)
+    for entry in sorted(base.iterdir()):
+        dest = out / entry.name
+        if entry.name in targets:
+            written += _merge_component(entry, dest, source, targets[entry.name], factor, meta)
+        elif entry.is_dir():
+            shutil.copytree(entry, dest, dirs_exist_ok=True)
+        else:
+            shutil.copyfile(entry, dest)
     record = {k: v for k, v in meta.items() if k != "format"}
     write_json(out / EXPORT_RECORD, record)
     return written + [out / EXPORT_RECORD]
 
 
 def _merge_component(
-    folder: Path,
-    dest: Path,
-    source: AdapterSource,
-    paths: list[str],
-    factor: float,
-    meta: dict[str, str],
-    bar: Progress,
+    folder: Path, dest: Path, source: AdapterSource, paths: list[str], factor: float, meta: dict[str, str]
 ) -> list[Path]:
     component = folder.name
     try:
@@ -359,7 +347,6 @@ def _merge_component(
     for entry in sorted(folder.iterdir()):
         if entry.suffix != ".safetensors":
             shutil.copyfile(entry, dest / entry.name)  # config.json and the index (same keys, files, sizes)
-            bar.update(1)
             continue
         tensors, file_meta = read_safetensors(entry)
         for key in sorted(set(tensors) & set(by_weight)):
@@ -374,7 +361,6 @@ def _merge_component(
             )
         write_safetensors(dest / entry.name, tensors, {**file_meta, **meta})
         written.append(dest / entry.name)
-        bar.update(1)
     return written
 
 

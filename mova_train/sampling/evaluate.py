@@ -16,7 +16,6 @@ import torch
 
 from mova_train.checkpoint_io import write_json_atomic
 from mova_train.models import FlowMatchScheduler, expert_for_timestep
-from mova_train.progress import Progress
 from mova_train.sampling.inputs import PromptItem, SamplingError
 from mova_train.sampling.pipeline import MovaPipeline
 from mova_train.sampling.render import render_stem, save_render
@@ -89,8 +88,7 @@ def render_eval(
     )
     step_dir = Path(out_dir) / f"step-{int(step):06d}"
     records = []
-    shown = Progress(items, desc=f"eval renders (step {int(step)})", unit="render", disable=not progress)
-    for i, item in enumerate(shown):
+    for i, item in enumerate(items):
         item_seed = item.seed if item.seed is not None else seed + i
         (render,) = generate(
             pipeline,
@@ -99,7 +97,7 @@ def render_eval(
             negative_prompt=item.negative_prompt if item.negative_prompt is not None else default_negative,
             image=item.image if item.image is not None else default_image,
             seed=item_seed,
-            progress=False,  # one line per render (above), not a bar per denoising loop
+            progress=progress,
             **options,
         )
         record = save_render(

@@ -79,7 +79,7 @@ class Evaluator:
         records = render_eval(
             self.model, self.codecs, list(ev.prompts), self.out_dir, step=step, seed=ev.seed,
             negative_prompt=ev.negative_prompt, num_frames=ev.num_frames, height=ev.height, width=ev.width,
-            steps=ev.steps, cfg_scale=ev.cfg_scale, progress=True,
+            steps=ev.steps, cfg_scale=ev.cfg_scale,
         )  # fmt: skip
         if tracker is not None and tracker.run is not None:
             log_renders_to_wandb(records, step=step, run=tracker.run)

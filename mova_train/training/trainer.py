@@ -157,8 +157,7 @@ class Trainer:
 
     def build_backend(self) -> None:
         cfg = self.cfg
-        # the trainable parameters, one group per component
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.optimizer = build_optimizer(self.model, cfg.optim)  # trainable params, a group per component
         self.backend = build_backend(
             self.accelerator, self.model, self.optimizer, ds_config=self.ds_config,
             mixed_precision=self.mixed_precision, max_grad_norm=cfg.optim.max_grad_norm,
