@@ -9,7 +9,6 @@ import logging
 import os
 import runpy
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -102,14 +101,30 @@ def test_help_imports_no_heavy_package(label, command):
     assert heavy_imports_of_help(command) == [], f"{label} --help imports them"
 
 
-def test_data_tools_command_help_still_lists_its_options():
-    proc = subprocess.run(
-        [sys.executable, "-m", "data_tools", "prepare", "--help"],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0 and "--checkpoint" in proc.stdout and "--export-clips" in proc.stdout
+def test_every_name_of_the_lazy_lora_package_resolves():
+    """mova_train.lora imports its submodules on first use (so the config schema loads without PEFT): each name
+    it exports must still be reachable, and be the object its home module defines."""
+    import importlib
+
+    import mova_train.lora as lora
+
+    assert sorted(lora.__all__) == sorted(lora._HOMES)
+    for name in lora.__all__:
+        home = lora._HOMES[name]
+        module = importlib.import_module(home if home.startswith("mova_train") else "mova_train.lora" + home)
+        assert getattr(lora, name) is getattr(module, name), name
+
+
+def test_data_tools_command_help_still_lists_its_options(capsys):
+    from data_tools.__main__ import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["prepare", "--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0 and "--checkpoint" in out and "--export-clips" in out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "prepare" in capsys.readouterr().out
 
 
 # --- config and data errors -------------------------------------------------------------------------------------
@@ -251,3 +266,18 @@ def test_readme_sbatch_command_creates_the_log_folder_first():
     assert "#SBATCH --output=logs/" in header
     commands = [line for line in lines if line.lstrip().startswith(("mkdir", "EXPERIMENT", "sbatch"))]
     assert commands and all(line.lstrip().startswith("mkdir -p logs") for line in commands), commands
+
+
+def test_deepspeed_on_cpu_builds_no_cpp_op_and_offload_warns_first():
+    from deepspeed.comm.torch import build_shm_op
+
+    from mova_train.upstream import log_cpu_adam_build_notice, skip_cpu_shm_comm_build
+
+    skip_cpu_shm_comm_build()
+    assert build_shm_op() is None  # no JIT build: training's collectives are torch.distributed's
+    said: list[str] = []
+    log_cpu_adam_build_notice({"zero_optimization": {"stage": 3}}, said.append)
+    assert said == []
+    offload = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
+    log_cpu_adam_build_notice(offload, said.append)
+    assert len(said) == 1 and "C++ compiler" in said[0]
