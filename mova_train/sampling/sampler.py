@@ -278,7 +278,7 @@ def _denoise(
             pipeline.ensure_expert(phase[0].expert)
             label = f"{phase[0].expert} ({len(states)} render{'s' if len(states) > 1 else ''})"
             with Progress(
-                total=len(phase) * len(states), desc=label, disable=not progress, leave=False
+                total=len(phase) * len(states), desc=label, unit="step", disable=not progress, leave=False
             ) as bar:
                 for state in states:
                     for step in phase:
@@ -287,7 +287,11 @@ def _denoise(
         return
     for n, state in enumerate(states):
         with Progress(
-            total=len(plan), desc=f"render {n + 1}/{len(states)}", disable=not progress, leave=False
+            total=len(plan),
+            desc=f"render {n + 1}/{len(states)}",
+            unit="step",
+            disable=not progress,
+            leave=False,
         ) as bar:
             for phase in phases:
                 pipeline.ensure_expert(phase[0].expert)
