@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+# The package index torch comes from, e.g. `make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu` (the CPU-only
+# build, no CUDA libraries) or .../whl/cu128; empty = pip's default index (on Linux that wheel bundles CUDA).
+TORCH_INDEX ?=
 DEMO_OUT ?= demo_out
 # Every other package at the exact version the tests (and the golden-loss file) were made with; `make lock` refreshes it.
 LOCK := requirements/lock.txt
@@ -12,8 +15,10 @@ LOCK := requirements/lock.txt
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -c $(LOCK) pip
-	# torch first, pinned, so the project's range is already satisfied and no CUDA wheels are pulled
-	$(PY) -m pip install -c $(LOCK) "$(TORCH_SPEC)"
+	# torch first, pinned, so the project's range is already satisfied and pip never picks another torch
+	# With TORCH_INDEX, only torch comes from there (--no-deps); its dependencies come with the next line, at the
+	# lock's versions, from the default index.
+	$(PY) -m pip install -c $(LOCK) "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--no-deps --index-url $(TORCH_INDEX))
 	$(PY) -m pip install -c $(LOCK) -e ".[dev]"
 	touch $@
 
@@ -36,6 +41,7 @@ format: setup
 	$(PY) -m ruff check --fix .
 
 bench: setup
+	$(PY) -m mova_train.bench cli --demo-out $(DEMO_OUT)
 	$(PY) -m mova_train.bench model
 	$(PY) -m mova_train.bench codecs
 	$(PY) -m data_tools bench

@@ -1,15 +1,19 @@
 """Training entry point: `accelerate launch train.py +experiment=voice_lora [key=value ...]` (see configs/).
 
-A configuration or data problem (a ValueError naming the field, file or key) exits with status 2 and one line;
-Hydra itself reports unknown keys and groups while composing (status 1).
+A configuration or data problem (a ValueError naming the field, file or key) exits with status 2 and one line,
+printed by rank 0 only (the other ranks exit with the same status, quietly); Hydra itself reports unknown keys and
+groups while composing (status 1).
 """
 
+import os
 import sys
 
 import hydra
 
 from mova_train.config import register_configs
+from mova_train.upstream import silence_known_banners
 
+silence_known_banners()  # before DeepSpeed / matplotlib are imported by the trainer (see KNOWN_BANNERS)
 register_configs()
 
 
@@ -26,7 +30,9 @@ def main(cfg) -> None:
     try:
         run(cfg)
     except ValueError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank validates the same config: say it once
+            message = " ".join(str(e).split())
+            print(f"train.py: error: {message}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 

@@ -10,7 +10,7 @@ import importlib
 import os
 import sys
 
-# command -> (module, one-line help); modules are imported lazily so `--help` stays fast
+# command -> (module, one-line help); only the chosen command's module is imported, so `--help` stays fast
 COMMANDS = {
     "synth": (
         "data_tools.synth",
@@ -40,7 +40,9 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only `command`'s module is imported (for its options and description), so `--help` and a
+    command's own run load nothing they do not use. `command=None` lists every command with its one-line help."""
     parser = argparse.ArgumentParser(
         prog="python -m data_tools",
         description="Data preparation for MOVA LoRA training: scan raw videos, plan clips, align audio to video, "
@@ -50,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
+        if name != command:
+            sub.add_parser(name, help=help_text, description=help_text)
+            continue
         module = importlib.import_module(module_name)
         doc = (module.__doc__ or help_text).strip()
         cmd = sub.add_parser(
@@ -60,11 +65,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand argparse will pick: the first argument that is not an option (the top level has no options
+    taking values)."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from mova_train.upstream import silence_known_banners
+
+    silence_known_banners()
     from data_tools.common import DataToolsError
 
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
     try:
         return int(args._module.run(args) or 0)

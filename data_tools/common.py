@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from mova_train.checkpoint_io import sha256_file, write_bytes_atomic  # noqa: F401 - sha256_file: data_tools API
+from mova_train.progress import track
 
 DATA_TOOLS_VERSION = "0.1.0"
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi")
@@ -102,6 +102,19 @@ def sanitize_id(text: str) -> str:
     return cleaned or "clip"
 
 
+# checkpoint_io imports torch; these two are imported on use so `python -m data_tools --help` stays light.
+def sha256_file(path: str | os.PathLike) -> str:
+    from mova_train.checkpoint_io import sha256_file as sha256
+
+    return sha256(path)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    from mova_train.checkpoint_io import write_bytes_atomic as write
+
+    write(path, data)
+
+
 def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     lines = [json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n" for row in rows]
     write_bytes_atomic(path, "".join(lines).encode("utf-8"))
@@ -144,12 +157,9 @@ def ensure_writable_dir(path: str | os.PathLike, *, what: str = "output folder")
 
 
 def progress(iterable: Iterable, *, total: int | None = None, desc: str = "", unit: str = "it") -> Iterator:
-    """A tqdm bar on a terminal, silent otherwise (logs of batch jobs stay readable)."""
-    from tqdm import tqdm
-
-    return iter(
-        tqdm(iterable, total=total, desc=desc, unit=unit, disable=not sys.stderr.isatty(), leave=False)
-    )
+    """A tqdm bar on a terminal; elsewhere (nohup, SLURM, a pipe) a plain line every MOVA_PROGRESS_EVERY_S seconds
+    with done/total, rate and ETA, and a final line (`mova_train.progress`)."""
+    return track(iterable, total=total, desc=desc, unit=unit)
 
 
 def log(message: str) -> None:

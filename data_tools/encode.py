@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import json
 import shutil
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ from data_tools.shards import (
 from mova_train.data.contract import SCHEMA_VERSION, encode_sample, write_empty_prompt
 from mova_train.identity import base_identity
 from mova_train.names import MODEL_INDEX_NAME
+from mova_train.progress import format_duration
 
 OPTIONS_NAME = "options.json"
 LATENT_DTYPES = ("bfloat16", "float32", "float16")
@@ -280,7 +282,10 @@ def encode(plan_rows: list[dict], opts: EncodeOptions, *, sources: list[dict] | 
     # command's module to build its parser
     from mova_train.codecs import load_codecs
 
+    started = time.monotonic()
+    log(f"encode[rank {ctx.rank}]: loading the codecs of {ckpt} on {ctx.device}")
     codecs = load_codecs(ckpt, device=ctx.device, dtype=getattr(torch, opts.codec_dtype))
+    log(f"encode[rank {ctx.rank}]: codecs loaded in {format_duration(time.monotonic() - started)}")
     identity = codecs.identity
     if ctx.rank == 0:
         check_resume(out, _fingerprint(opts, kept, identity, ctx.world_size), overwrite=opts.overwrite)

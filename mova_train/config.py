@@ -104,6 +104,26 @@ def resolve_path(path: str, *, field_name: str, must_exist: bool = True, is_dir:
     return candidates[0]
 
 
+def check_shards_folder(field_name: str, spec: str) -> None:
+    """A shard spec that reads as a local folder (no URL scheme, no {..} range, no .tar name) must exist: say so by
+    the folder's name rather than as one missing shard file."""
+    text = str(spec).strip() if isinstance(spec, str) else ""
+    if (
+        not text
+        or "://" in text
+        or text.startswith("pipe:")
+        or any(c in text for c in "{}")
+        or text.endswith(".tar")
+    ):
+        return
+    folder = Path(os.path.expanduser(text))
+    if not folder.exists():
+        raise ConfigValueError(
+            f"{field_name}={spec!r}: the shard folder {folder.absolute()} does not exist (give the --out folder of "
+            "`python -m data_tools prepare`, which holds manifest.json)"
+        )
+
+
 def required_components(cfg: TrainConfig) -> tuple[str, ...]:
     """Components the objective runs: its expert(s) plus the audio tower and the bridge (used every step)."""
     mode = cfg.objective.expert
@@ -124,6 +144,7 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
     m.validate()
     o.validate()
     lora = as_lora_config(cfg.lora)  # its own validation names lora.* fields
+    check_shards_folder("data.shards", cfg.data.shards)
     cfg.data.validated(check_shards=True)  # names data.* fields; the shards must exist before any run dir
     cfg.optim.validate()
     cfg.deepspeed.validate()
@@ -178,6 +199,7 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
 
     # held-out shards, the eval prompts' images, the DeepSpeed JSON, a resume path
     if cfg.eval.heldout_shards:
+        check_shards_folder("eval.heldout_shards", cfg.eval.heldout_shards)
         check_shard_spec("eval.heldout_shards", cfg.eval.heldout_shards)
     for where, image in cfg.eval.reference_images():
         check_image_file(resolve_path(image, field_name=where), where)

@@ -7,15 +7,88 @@ fallback lives beside the decoder it guards, in `mova_train/media.py`.)
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mova_train.checkpoint_io import CheckpointError
-
 if TYPE_CHECKING:  # transformers is imported only by the functions that need it (the trainer never does)
     from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
+
+
+# --- third-party banners ----------------------------------------------------------------------------------------
+# Messages that say nothing a user can act on, printed once per process (so once per rank plus once by the launcher).
+# Each entry: logger name -> message prefixes dropped from it, with why. Two banners are fixed where they start
+# instead: setuptools' "`project.license` as a TOML table is deprecated" (twice per `make setup`) by an SPDX string in
+# pyproject.toml, and the launcher's own OMP_NUM_THREADS / accelerator lines by `quiet_launcher_env` below.
+KNOWN_BANNERS: dict[str, tuple[str, ...]] = {
+    # DeepSpeed 0.19.8 `accelerator/real_accelerator.py`, on every import without a GPU: on a CPU machine that is
+    # the intended accelerator (the demo, the tests), and on a GPU machine torch's own CUDA errors say more.
+    "DeepSpeed": (
+        "Setting accelerator to CPU",
+        # DeepSpeed 0.19.8 `runtime/engine.py`: our GroupMaskedAdamW is AdamW with per-group masking; the config
+        # check sets `zero_allow_untested_optimizer` on purpose, and the equivalence with ZeRO's own path is tested.
+        "**** You are using ZeRO with an untested optimizer",
+    ),
+    # matplotlib 3.11, once per fresh cache directory (each new machine, each CI run): the cache is built either way.
+    "matplotlib.font_manager": ("Matplotlib is building the font cache",),
+}
+
+
+class _DropPrefixes(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(message.startswith(p) for p in self.prefixes)
+
+
+def silence_known_banners() -> None:
+    """Drop the messages in KNOWN_BANNERS (standard library only, so any entry point may call it first; filters on a
+    logger persist when the library later configures its handlers). Idempotent."""
+    for name, prefixes in KNOWN_BANNERS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropPrefixes) for f in logger.filters):
+            logger.addFilter(_DropPrefixes(prefixes))
+
+
+def quiet_launcher_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for `accelerate launch` / torchrun on CPU that spares the launcher's own banners, which run before
+    any of our code: torchrun's "Setting OMP_NUM_THREADS environment variable for each process to be 1" (it sets 1
+    when unset; we set the same value) and DeepSpeed's "Setting accelerator to CPU" in the launcher process
+    (DS_ACCELERATOR=cpu is what it detects anyway). Only for machines without a GPU."""
+    env = dict(os.environ if env is None else env)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    return env
+
+
+# --- DeepSpeed 0.19.8 / torch 2.13 ----------------------------------------------------------------------------
+
+
+def skip_cpu_shm_comm_build() -> None:
+    """DeepSpeed 0.19.8 on CPU: `deepspeed.comm.torch.TorchBackend` JIT-compiles its shared-memory all-reduce
+    (`deepspeed_shm_comm`, C++, 60-75 s on the first launch of a machine, and it needs g++). Only
+    `inference_all_reduce` (DeepSpeed inference / AutoTP) uses it; training's collectives go through
+    torch.distributed (gloo). Mark it unavailable so DeepSpeed skips the build, as on a non-Linux host."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def log_cpu_adam_build_notice(ds_config: dict | None, log) -> None:
+    """DeepSpeed 0.19.8 JIT-compiles its CPU Adam (`cpu_adam`, C++, about a minute, needs g++) the first time an
+    optimizer is offloaded to CPU (`deepspeed=zero3_offload`); say so before the silent minute. Cached afterwards
+    under ~/.cache/torch_extensions (or TORCH_EXTENSIONS_DIR)."""
+    zero = (ds_config or {}).get("zero_optimization", {})
+    if str(zero.get("offload_optimizer", {}).get("device", "none")) == "cpu":
+        log(
+            "DeepSpeed compiles its CPU Adam op on the first optimizer offload on this machine (about a minute, "
+            "needs a C++ compiler); later runs reuse it"
+        )
 
 
 # --- DeepSpeed 0.19.8 / torch 2.13 ----------------------------------------------------------------------------
@@ -97,6 +170,8 @@ def load_t5_tokenizer(folder: str | os.PathLike) -> T5TokenizerFast:
     In transformers 5, `T5TokenizerFast` is an alias of the tokenizers-backed `T5Tokenizer`; in 4.x it is the fast
     class itself. Both read `tokenizer.json` (+ `tokenizer_config.json`).
     """
+    from mova_train.checkpoint_io import CheckpointError  # torch: not needed by the banner filters above
+
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"missing tokenizer folder: {folder}")

@@ -198,7 +198,7 @@ def test_validation_runs_before_any_process_group_or_run_dir(tiny_checkpoint, sh
 
 
 def test_missing_shards_fail_before_any_run_dir(tiny_checkpoint, shards, tmp_path):
-    for bad, message in ((tmp_path / "nowhere", "not found"), (tmp_path, "no manifest.json")):
+    for bad, message in ((tmp_path / "nowhere", "does not exist"), (tmp_path, "no manifest.json")):
         cfg = compose_train(tiny_overrides(tiny_checkpoint, shards, tmp_path / "run", f"data.shards={bad}"))
         with pytest.raises(ConfigValueError, match=message) as e:
             run(cfg)

@@ -37,6 +37,7 @@ RULES = {
     "mova_train.names": ("mova_train",),
     "mova_train.errors": ("mova_train",),
     "mova_train.run_layout": ("mova_train",),
+    "mova_train.progress": ("mova_train",),
     # the trainer reaches DeepSpeed only through its backend
     "mova_train.training.trainer": ("deepspeed",),
 }

@@ -13,6 +13,11 @@ import sys
 
 # name -> (module, function, one-line description)
 COMMANDS = {
+    "cli": (
+        "mova_train.bench.cli",
+        "run_cli_bench",
+        "start-up time of every command's --help, its heavy imports, and the last demo's stage timings",
+    ),
     "model": (
         "mova_train.bench.models",
         "run_model_bench",
@@ -43,6 +48,9 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mova_train.upstream import silence_known_banners
+
+    silence_known_banners()
     argv = sys.argv[1:] if argv is None else list(argv)
     top = argparse.ArgumentParser(
         prog="python -m mova_train.bench",

@@ -7,3 +7,7 @@ data preparation is `python -m data_tools`. These modules parse arguments and pr
 library packages (the doctor's checks and the demo's loss plot belong to those commands alone and stay with them).
 There are no short aliases (`python -m mova_train.<tool>`): each tool has exactly one command.
 """
+
+from mova_train.upstream import silence_known_banners
+
+silence_known_banners()  # every tool starts quiet (standard library only; see KNOWN_BANNERS)

@@ -18,9 +18,14 @@ from pathlib import Path
 
 from mova_train.media import read_mp4
 from mova_train.names import EXPERTS, MODEL_INDEX_NAME
+from mova_train.run_layout import list_checkpoints
+from mova_train.upstream import quiet_launcher_env
 
 DEMO_PROMPT = "a red square bounces across the screen, a click on every bounce"
 REPO = Path(__file__).resolve().parents[2]  # mova_train/cli/demo.py -> the repository root
+TIMINGS_NAME = (
+    "timings.json"  # seconds per stage of the last demo run (`python -m mova_train.bench cli` prints it)
+)
 
 
 def _run(cmd: list[str], *, env: dict | None = None) -> float:
@@ -81,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out = args.out.resolve()
     py = sys.executable
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_SILENT": "true"}
+    # quiet_launcher_env: OMP_NUM_THREADS=1 and DS_ACCELERATOR=cpu, what the launcher would pick, minus its banners
+    env = {**quiet_launcher_env(), "TOKENIZERS_PARALLELISM": "false", "WANDB_SILENT": "true"}
     raw, ckpt, shards, run_dir = out / "raw", out / "checkpoint", out / "shards", out / "run"
     adapters, renders = out / "adapters", out / "renders"
     timings: dict[str, float] = {}
@@ -102,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         env=env,
     )  # fmt: skip
     timings["verify"] = _run([py, "-m", "data_tools", "verify", str(shards)], env=env)
+    rerun_note = already_trained(run_dir, args.steps)
+    if rerun_note:
+        print(f"\ndemo: {rerun_note}", flush=True)
     timings["train"] = _run(
         [
             py, "-m", "accelerate.commands.launch",
@@ -130,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     loss_png = plot_losses(run_dir / "metrics.jsonl", out / "loss.png")
 
     mp4s = sorted(renders.glob("*.mp4"))
+    sheets = sorted(renders.glob("*.png"))
+    (out / TIMINGS_NAME).write_text(json.dumps({k: round(v, 2) for k, v in timings.items()}, indent=1) + "\n")
     print("\n=== mova-train demo finished ===")
     print(f"synthetic clips : {raw}")
     print(f"tiny checkpoint : {ckpt}")
@@ -137,9 +148,30 @@ def main(argv: list[str] | None = None) -> int:
     print(f"run directory   : {run_dir}  (metrics.jsonl, config.yaml, logs/, checkpoints/, wandb/)")
     print(f"adapters        : {adapters / 'mova'} and {adapters / 'peft'}")
     print(f"renders         : {', '.join(str(p) for p in mp4s) or renders}")
+    print(
+        f"contact sheets  : {', '.join(str(p) for p in sheets) or '-'}  (frames, waveform, spectrogram, A/V sync)"
+    )
     print(f"loss curve      : {loss_png}")
-    print("timings (s)     : " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    print(
+        "timings (s)     : "
+        + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
+        + f"  ({out / TIMINGS_NAME})"
+    )
+    if rerun_note:
+        print(f"note            : {rerun_note}")
     return 0
+
+
+def already_trained(run_dir: Path, steps: int) -> str | None:
+    """What a rerun should be told when the run dir already holds the last step: the trainer resumes there and
+    trains nothing (the same command resumes, by design), so the numbers shown are the earlier run's."""
+    found = list_checkpoints(run_dir)
+    if not found or found[-1][0] < steps:
+        return None
+    return (
+        f"{run_dir} already holds step {found[-1][0]} (--steps {steps}): training resumes there and trains nothing; "
+        "run `make clean` (or delete that folder) to train again"
+    )
 
 
 def _first_frame_png(out: Path) -> Path:

@@ -116,11 +116,11 @@ def check_checkpoint(checkpoint: Path) -> tuple[list[Check], str | None]:
         try:
             header = read_component_header(folder, weights_name=weights)
         except CheckpointError as e:
-            out.append(Check(FAIL, "checkpoint", str(e)))
+            out += [Check(FAIL, "checkpoint", m) for m in _file_problems(folder, weights) or [str(e)]]
             continue
         n = sum(_numel(shape) for shape, _ in header.values())
         dtypes = sorted({d for _, d in header.values()})
-        msg = f"{component}: {len(header)} tensors, {n / 1e9:.3f}B params, {'/'.join(dtypes)}"
+        msg = f"{component}: {len(header)} tensors, {human_count(n)} params, {'/'.join(dtypes)}"
         if component in expected:
             want = expected[component]
             found = {k: shape for k, (shape, _) in header.items()}
@@ -140,6 +140,33 @@ def check_checkpoint(checkpoint: Path) -> tuple[list[Check], str | None]:
     except Exception as e:  # noqa: BLE001 - report any failure of the codec folders as a check
         out.append(Check(FAIL, "checkpoint", f"codec identity cannot be computed: {e}"))
     return out, identity
+
+
+def _file_problems(folder: Path, weights_name: str) -> list[str]:
+    """One message per unreadable weight file of a component (a download with three truncated shards gives three),
+    so every file to fetch again is named at once."""
+    from mova_train.checkpoint_io import CheckpointError, list_weight_files, read_safetensors_header
+
+    try:
+        names = list_weight_files(folder, weights_name=weights_name)
+    except CheckpointError as e:
+        return [str(e)]
+    problems = []
+    for name in names:
+        try:
+            read_safetensors_header(folder / name)
+        except CheckpointError as e:
+            problems.append(str(e))
+    return problems
+
+
+def human_count(n: int) -> str:
+    """A parameter count in the unit that keeps it readable: 950, 340K, 1.2M, 14.3B."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            value = n / size
+            return f"{value:.1f}{unit}" if value < 100 else f"{value:.0f}{unit}"
+    return str(n)
 
 
 def _expected_shapes(checkpoint: Path, out: list[Check]) -> dict[str, dict[str, tuple[int, ...]]]:

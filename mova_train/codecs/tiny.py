@@ -133,6 +133,9 @@ def write_tiny_codecs(out_dir: Path, seed: int) -> None:
         num_shards=3,
     )
     tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=out_dir))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); tokenizer/ is an ordinary folder
     try:
         build_tiny_tokenizer().save_pretrained(str(tmp))
         _replace_dir(tmp, out_dir / TOKENIZER_DIR)

@@ -7,8 +7,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from mova_train.data.contract import parse_bucket
-from mova_train.data.shards import normalize_shard_spec, resolve_shards
 from mova_train.errors import ConfigValueError
 
 
@@ -40,6 +38,8 @@ class DataConfig:
         """This config with bucket names stripped; raises ConfigValueError naming the first data.* field that
         cannot work. `check_shards` also resolves data.shards (manifest and shard files present, no sample read),
         as the training config's validation does before any run folder exists."""
+        from mova_train.data.shards import normalize_shard_spec  # torch: imported on use (fast --help)
+
         try:
             shards = normalize_shard_spec(_plain(self.shards))
         except ValueError as e:
@@ -68,6 +68,8 @@ class DataConfig:
             for b in buckets:
                 if not isinstance(b, str):
                     raise ConfigValueError(f"data.buckets entries must be 'HxW' strings, got {b!r}")
+                from mova_train.data.contract import parse_bucket  # torch: imported on use (fast --help)
+
                 try:
                     parse_bucket(b)
                 except ValueError as e:
@@ -107,6 +109,8 @@ def check_data_config(cfg: DataConfig | Mapping[str, Any]) -> DataConfig:
 def check_shard_spec(name: str, spec: Any) -> None:
     """The shards `spec` names exist: manifest and shard files present (headers only; no sample is read).
     Raises ConfigValueError naming the config field `name` (data.shards, eval.heldout_shards)."""
+    from mova_train.data.shards import resolve_shards  # torch: imported on use (fast --help)
+
     try:
         resolve_shards(spec)
     except ValueError as e:

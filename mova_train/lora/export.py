@@ -66,6 +66,7 @@ from mova_train.lora.formats import (
 from mova_train.lora.inject import extract_lora_state, parse_canonical_key
 from mova_train.lora.safetensors_io import write_bytes_atomic, write_json, write_safetensors
 from mova_train.names import WEIGHTS_NAME, adapter_key
+from mova_train.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -548,9 +549,11 @@ def _merge_file(
         if dtype is None:
             raise ExportError(f"{src}: tensor {key} has dtype {entry['dtype']}, which the merge cannot write")
         specs[key] = (dtype, list(entry["shape"]))
-    with open(src, "rb") as f:
+    progress = Progress(total=len(specs), desc=f"merge {component}/{src.name}", unit="tensor")
+    with open(src, "rb") as f, progress:
 
         def tensor_for(key: str) -> torch.Tensor:
+            progress.update(1)
             # read into fresh memory (not an mmap view): a written tensor is freed, so memory stays one tensor
             begin, end = header.entries[key]["data_offsets"]
             f.seek(header.data_start + begin)

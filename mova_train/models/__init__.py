@@ -1,20 +1,50 @@
-"""MOVA diffusion model: configs, the video/audio towers and bridge, the dual-tower step, scheduler and loading."""
+"""MOVA diffusion model: configs, the video/audio towers and bridge, the dual-tower step, scheduler and loading.
+
+The names below are imported on first use (PEP 562), so `mova_train.models.config` (the architecture presets that
+`inspect --help` lists) loads without torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from ..names import COMPONENTS, EXPERTS
-from .checkpoint import load_mova, read_mova_config, save_mova
-from .config import (
-    CONFIG_PRESETS,
-    AudioDiTConfig,
-    BridgeConfig,
-    ConfigError,
-    MovaConfig,
-    SchedulerConfig,
-    VideoDiTConfig,
-    get_model_config,
-)
-from .layers import set_attention_backend
-from .mova import MovaModel, build_i2v_condition, build_mova, set_activation_checkpointing
-from .scheduler import FlowMatchScheduler, expert_for_timestep
+
+_HOMES = {
+    "load_mova": ".checkpoint",
+    "read_mova_config": ".checkpoint",
+    "save_mova": ".checkpoint",
+    "CONFIG_PRESETS": ".config",
+    "AudioDiTConfig": ".config",
+    "BridgeConfig": ".config",
+    "ConfigError": ".config",
+    "MovaConfig": ".config",
+    "SchedulerConfig": ".config",
+    "VideoDiTConfig": ".config",
+    "get_model_config": ".config",
+    "set_attention_backend": ".layers",
+    "MovaModel": ".mova",
+    "build_i2v_condition": ".mova",
+    "build_mova": ".mova",
+    "set_activation_checkpointing": ".mova",
+    "FlowMatchScheduler": ".scheduler",
+    "expert_for_timestep": ".scheduler",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(__name__ + home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOMES))
+
 
 __all__ = [
     "COMPONENTS",

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from mova_train.models import EXPERTS, FlowMatchScheduler, expert_for_timestep
+from mova_train.progress import Progress
 from mova_train.sampling.control import StopCheck
 from mova_train.sampling.inputs import (
     DEFAULT_NEGATIVE_PROMPT,
@@ -283,7 +283,9 @@ def _denoise(
         for phase in phases:
             pipeline.ensure_expert(phase[0].expert)
             label = f"{phase[0].expert} ({len(states)} render{'s' if len(states) > 1 else ''})"
-            with tqdm(total=len(phase) * len(states), desc=label, disable=not progress, leave=False) as bar:
+            with Progress(
+                total=len(phase) * len(states), desc=label, unit="step", disable=not progress, leave=False
+            ) as bar:
                 for state in states:
                     for step in phase:
                         stop.before_step()
@@ -291,8 +293,12 @@ def _denoise(
                         bar.update(1)
         return
     for n, state in enumerate(states):
-        with tqdm(
-            total=len(plan), desc=f"render {n + 1}/{len(states)}", disable=not progress, leave=False
+        with Progress(
+            total=len(plan),
+            desc=f"render {n + 1}/{len(states)}",
+            unit="step",
+            disable=not progress,
+            leave=False,
         ) as bar:
             for phase in phases:
                 pipeline.ensure_expert(phase[0].expert)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import random
@@ -28,6 +29,7 @@ from mova_train import run_layout as layout
 from mova_train.checkpoint_io import CheckpointError, write_json_atomic
 from mova_train.codecs import codec_identity
 from mova_train.config import ConfigValueError, TrainConfig, config_to_dict, resolve_path
+from mova_train.data.errors import CodecIdentityError
 from mova_train.data.shards import resolve_shards
 from mova_train.lora import (
     META_BASE_IDENTITY,
@@ -151,6 +153,36 @@ def keep_global_batch(cfg: TrainConfig, world_size: int) -> TrainConfig:
     return cfg
 
 
+@functools.lru_cache(maxsize=4)
+def checkpoint_codec_identity(checkpoint: Path) -> str | None:
+    """The codec identity of a base checkpoint (hashes the codec weights: computed once per process), or None with a
+    warning when it cannot be computed (then shards are not checked against it)."""
+    try:
+        return codec_identity(checkpoint)
+    except CheckpointError as e:
+        logger.warning("the base checkpoint's codec identity is unknown (%s): shards are not checked", e)
+        return None
+
+
+def check_shard_codecs(cfg: TrainConfig) -> TrainConfig:
+    """Before any process group, model load or run dir: the shards' manifest names the codecs of model.checkpoint
+    (`doctor`'s check). Rank 0 only (hashing the codecs once); the loader checks every rank again later."""
+    if os.environ.get("RANK", "0") != "0":
+        return cfg
+    manifest = resolve_shards(cfg.data.shards).manifest
+    if manifest is None:  # a URL list without a manifest: nothing recorded to compare
+        return cfg
+    checkpoint = resolve_path(cfg.model.checkpoint, field_name="model.checkpoint")
+    expected = checkpoint_codec_identity(checkpoint)
+    if expected is not None and manifest.codec_identity != expected:
+        raise CodecIdentityError(
+            f"data.shards={cfg.data.shards!r}: the shards were encoded by codecs {manifest.codec_identity!r}, the "
+            f"base checkpoint's codecs are {expected!r} (model.checkpoint={cfg.model.checkpoint!r}); re-encode the "
+            "data with this checkpoint (python -m data_tools prepare) or point data.shards at data encoded with it"
+        )
+    return cfg
+
+
 class Checkpointer:
     """Saves and restores a run's state; every method is collective (all ranks call it) unless it says not."""
 
@@ -196,13 +228,7 @@ class Checkpointer:
             # Always over all four diffusion components, whatever this run loads: export --format merged and the
             # sampler check adapters against the identity of the whole base.
             checkpoint = resolve_path(cfg.model.checkpoint, field_name="model.checkpoint")
-            ident, codecs = base_identity(checkpoint), None
-            try:
-                codecs = codec_identity(checkpoint)
-            except CheckpointError as e:
-                logger.warning(
-                    "the base checkpoint's codec identity is unknown (%s): shards are not checked", e
-                )
+            ident, codecs = base_identity(checkpoint), checkpoint_codec_identity(checkpoint)
             shards = resolve_shards(cfg.data.shards).fingerprint()
             init = None
             if cfg.lora.init_from:  # its content, not its path, decides whether a run may resume

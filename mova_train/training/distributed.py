@@ -12,6 +12,7 @@ import datetime
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from mova_train.config import ConfigValueError, TrainConfig, resolve_path
 from mova_train.run_layout import heartbeat_file
 from mova_train.training.config import check_deepspeed_json, read_deepspeed_json
-from mova_train.upstream import set_collective_timeout
+from mova_train.upstream import log_cpu_adam_build_notice, set_collective_timeout, skip_cpu_shm_comm_build
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +159,12 @@ def build_accelerator(cfg: TrainConfig, mixed_precision: str, ds_config: dict | 
             InitProcessGroupKwargs(backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
         )
     plugin = None
+    if ds_config is not None and not torch.cuda.is_available():
+        skip_cpu_shm_comm_build()  # no silent 60-75 s C++ build on the first CPU launch
+    if ds_config is not None and os.environ.get("RANK", "0") == "0":
+        log_cpu_adam_build_notice(
+            ds_config, lambda m: print(f"[mova-train] {m}", file=sys.stderr, flush=True)
+        )
     if ds_config is not None:
         # `ds_config` already combines the Hydra JSON with the launcher's flags (build_deepspeed_config), so
         # accelerate must not refuse it for fields an accelerate config file also named.

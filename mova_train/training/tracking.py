@@ -21,6 +21,7 @@ import torch
 from mova_train.checkpoint_io import write_bytes_atomic, write_json_atomic
 from mova_train.config import PROJECT_ROOT
 from mova_train.names import EXPERTS, HIGH_NOISE_EXPERT
+from mova_train.progress import Progress
 from mova_train.run_layout import (
     CODE_VERSION_FILE,
     CONFIG_FILE,
@@ -294,14 +295,14 @@ def build_tracker(
 
 
 class ProgressBar:
-    """tqdm on the main process; a no-op elsewhere or when disabled."""
+    """Main-process progress: a tqdm bar on a terminal; otherwise (nohup, SLURM) a log line every
+    MOVA_PROGRESS_EVERY_S seconds with step/max_steps, rate, ETA, loss and lr (also in logs/rank0.log), and a final
+    line. A no-op elsewhere or when disabled (`tracking.progress_bar=false`)."""
 
     def __init__(self, enabled: bool, total: int, initial: int):
         self.bar = None
         if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = Progress(total=total, initial=initial, desc="train", unit="step", log=logger.info)
 
     def update(self, row: dict) -> None:
         if self.bar is None:

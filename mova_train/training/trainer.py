@@ -35,6 +35,7 @@ from mova_train.lora import apply_lora, as_lora_config, load_init_adapter
 from mova_train.models import FlowMatchScheduler, set_activation_checkpointing
 from mova_train.models.checkpoint import load_mova
 from mova_train.run_layout import list_checkpoints, samples_file
+from mova_train.training import checkpointer as checkpoints
 from mova_train.training.backend import build_backend
 from mova_train.training.checkpointer import Checkpointer, Counters, NonFiniteTrainingError, keep_global_batch
 from mova_train.training.distributed import (
@@ -380,9 +381,9 @@ class Trainer:
 
 
 def run(cfg: Any) -> RunResult:
-    """Validate (before any process group), set up and train. `cfg`: a composed Hydra config or a TrainConfig.
-    A fatal error is also written to this rank's log (logs/rank{N}.log), not only to the launcher's stderr."""
-    cfg = validate_config(to_train_config(cfg))
+    """Validate (before any process group; the shards' codecs before the model loads), set up and train. `cfg`: a
+    composed Hydra config or a TrainConfig. A fatal error is also written to logs/rank{N}.log, not only to stderr."""
+    cfg = checkpoints.check_shard_codecs(validate_config(to_train_config(cfg)))
     trainer = Trainer(cfg)
     try:
         trainer.setup()
