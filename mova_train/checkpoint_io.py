@@ -11,9 +11,11 @@ import json
 import os
 import struct
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import safe_open
@@ -154,32 +156,19 @@ def write_safetensors_streaming(
         ],
         metadata,
     )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, _default_mode())
-        with os.fdopen(fd, "wb") as f:
-            f.write(header)
-            for name in names:
-                t = tensor_for(name)
-                dtype, shape = specs[name]
-                if t.dtype != dtype or list(t.shape) != list(shape):
-                    raise ValueError(
-                        f"tensor {name!r} came out {t.dtype} {list(t.shape)}, announced {dtype} {list(shape)}"
-                    )
-                if t.device.type == "meta":
-                    raise ValueError(f"tensor {name!r} is on the meta device and has no data to write")
-                f.write(
-                    t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data
-                )  # no copy
-                del t
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        f.write(header)
+        for name in names:
+            t = tensor_for(name)
+            dtype, shape = specs[name]
+            if t.dtype != dtype or list(t.shape) != list(shape):
+                raise ValueError(
+                    f"tensor {name!r} came out {t.dtype} {list(t.shape)}, announced {dtype} {list(shape)}"
+                )
+            if t.device.type == "meta":
+                raise ValueError(f"tensor {name!r} is on the meta device and has no data to write")
+            f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)  # no copy
+            del t
 
 
 def _nbytes(dtype: torch.dtype, shape: list[int]) -> int:
@@ -203,21 +192,29 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to a temp file in the same folder, fsync, then rename over `path`."""
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file to write that appears at `path` only when complete: a temp file in the same folder, fsync,
+    then rename over `path`; on an error the temp file is removed and `path` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, _default_mode())
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to a temp file in the same folder, fsync, then rename over `path`."""
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def _shard_name(weights_name: str, i: int, n: int) -> str:

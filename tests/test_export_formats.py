@@ -258,6 +258,11 @@ def test_mova_official_refuses_what_the_official_loader_would_drop(setup, tmp_pa
     (copy / "lora_weights.pt").write_bytes((copy / "lora_weights.pt").read_bytes() + b"x")
     with pytest.raises(LoraError, match="is not the file exported with"):
         read_any_adapter(copy)
+    with pytest.raises(LoraError, match="never unpickles"):
+        read_any_adapter(copy / "lora_weights.pt")
+    (copy / "adapters.safetensors").unlink()  # the official loader's files alone: refused, not unpickled
+    with pytest.raises(LoraError, match="never unpickles a .pt file"):
+        read_any_adapter(copy)
 
 
 def test_diffsynth_export_applies_like_diffsynth(setup):

@@ -135,13 +135,27 @@ def _merge_parts(parts: list[ReadAdapter], where: Path, fmt: str) -> ReadAdapter
     return ReadAdapter(state, first.cfg, metadata, fmt)
 
 
-def _read_peft_component(folder: Path) -> ReadAdapter:
-    file = folder / PEFT_WEIGHTS
+def _component_file(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], LoraConfig, str]:
+    """(tensors, metadata, LoRA config, component) of a one-component export file."""
     tensors, metadata = _read(file)
     cfg = _config_from_metadata(metadata, file)
-    component = metadata.get("component", folder.name)
+    component = metadata.get("component", file.parent.name if file.name == PEFT_WEIGHTS else file.stem)
     if component not in COMPONENTS:
         raise AdapterFormatError(f"{file}: component {component!r} is not one of {', '.join(COMPONENTS)}")
+    return tensors, metadata, cfg, component
+
+
+def _lora_part(rest: str, file: Path, key: str) -> tuple[str, str]:
+    """(module path, lora_A|lora_B) of `<path>.lora_A.weight`; AdapterFormatError naming the key otherwise."""
+    path, part, weight = rest.rsplit(".", 2) if rest.count(".") >= 2 else ("", "", "")
+    if weight != "weight" or part not in ("lora_A", "lora_B") or not path:
+        raise AdapterFormatError(f"{file}: key {key!r} is not a LoRA weight")
+    return path, part
+
+
+def _read_peft_component(folder: Path) -> ReadAdapter:
+    file = folder / PEFT_WEIGHTS
+    tensors, metadata, cfg, component = _component_file(file)
     state = {}
     for key, value in tensors.items():
         if not key.startswith(PEFT_PREFIX):
@@ -152,19 +166,13 @@ def _read_peft_component(folder: Path) -> ReadAdapter:
                 value
             )
             continue
-        path, part, weight = rest.rsplit(".", 2)
-        if weight != "weight" or part not in ("lora_A", "lora_B"):
-            raise AdapterFormatError(f"{file}: key {key!r} is not a PEFT LoRA weight")
+        path, part = _lora_part(rest, file, key)
         state[adapter_key(component, path, part)] = value
     return ReadAdapter(state, cfg, metadata, "peft")
 
 
 def _read_comfyui_file(file: Path) -> ReadAdapter:
-    tensors, metadata = _read(file)
-    cfg = _config_from_metadata(metadata, file)
-    component = metadata.get("component", file.stem)
-    if component not in COMPONENTS:
-        raise AdapterFormatError(f"{file}: component {component!r} is not one of {', '.join(COMPONENTS)}")
+    tensors, metadata, cfg, component = _component_file(file)
     prefix = comfyui_prefix(component)
     want_alpha = alpha_for_plain_scaling(cfg)
     state = {}
@@ -178,9 +186,7 @@ def _read_comfyui_file(file: Path) -> ReadAdapter:
                     f"{file}: {key} is {float(value)}, but the recorded LoRA config gives alpha {want_alpha}"
                 )
             continue
-        path, part, weight = rest.rsplit(".", 2)
-        if weight != "weight" or part not in ("lora_A", "lora_B"):
-            raise AdapterFormatError(f"{file}: key {key!r} is not a LoRA weight")
+        path, part = _lora_part(rest, file, key)
         state[adapter_key(component, path, part)] = value
     return ReadAdapter(state, cfg, metadata, "comfyui")
 
@@ -194,9 +200,7 @@ def _read_diffsynth_file(file: Path) -> ReadAdapter:
         name, rest = key.split(".", 1) if "." in key else (key, "")
         if name not in by_name:
             raise AdapterFormatError(f"{file}: key {key!r} names no MOVA component ({', '.join(by_name)})")
-        path, part, weight = rest.rsplit(".", 2)
-        if weight != "weight" or part not in ("lora_A", "lora_B"):
-            raise AdapterFormatError(f"{file}: key {key!r} is not a LoRA weight")
+        path, part = _lora_part(rest, file, key)
         state[adapter_key(by_name[name], path, part)] = value
     # The strength is in lora_B already: as a LoRA config, that is alpha = rank with plain scaling.
     baked = dataclasses.replace(cfg, alpha=float(cfg.rank), use_rslora=False)
