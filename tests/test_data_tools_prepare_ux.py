@@ -214,7 +214,7 @@ def test_options_are_compared_by_their_effect(tmp_path):
     from data_tools.common import DataToolsError
     from data_tools.prepare import PREPARE_NAME, check_same_options, prepare_options
 
-    parser = build_parser()
+    parser = build_parser("prepare")
 
     def options(*extra: str) -> dict:
         args = parser.parse_args(["prepare", "in", "--checkpoint", "ckpt", "--out", "out", *extra])

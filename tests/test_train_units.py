@@ -30,9 +30,11 @@ BOUNDARY = 900.0
 
 
 def spec_table() -> torch.Tensor:
-    """The 1000-entry training table of spec §12, computed here independently of the scheduler."""
-    s = torch.linspace(1.0, 0.003 / 1.002, 1001, dtype=torch.float64)[:-1]
-    return (1000.0 * 5.0 * s / (1 + 4.0 * s)).float()
+    """The 1000-entry training table of spec §12 in the reference's float32 recipe, recomputed with numpy
+    independently of the scheduler (tests/test_models_scheduler.py)."""
+    from tests.test_models_scheduler import _numpy_float32_recipe
+
+    return torch.from_numpy(_numpy_float32_recipe(1000)[1])
 
 
 def test_expert_names_match_the_model():
