@@ -12,18 +12,22 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import struct
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from mova_train.data.config import DataConfig
 from mova_train.data.loader import build_loader
-from mova_train.lora import load_adapters
 from mova_train.media import read_audio
-from mova_train.sampling import heldout_loss, load_pipeline, render_eval
+from mova_train.sampling import RenderInterrupted, generate, heldout_loss, load_pipeline, render_eval
+from mova_train.training.evaluator import any_rank
+from mova_train.training.signals import StopFlag
 from mova_train.training.synthetic import write_random_shards_for
 from tests.train_utils import PROJECT_ROOT, launch_cmd, launch_env, read_metrics, subprocess_timeout
 
@@ -191,9 +195,54 @@ def _rms(x: np.ndarray) -> float:
 def test_training_after_the_evaluations_equals_the_run_without_them(runs):
     """No RNG stream, weight or optimizer state is touched by an evaluation: the same losses, bit for bit, and the
     same adapters."""
+    from mova_train.lora import load_adapters  # here: PEFT is slow to import in the spawned ranks below
+
     run_dir, plain_dir, _ = runs
     losses = [r["loss"] for r in read_metrics(run_dir)]
     assert len(losses) == STEPS and losses == [r["loss"] for r in read_metrics(plain_dir)]
     ckpt = Path("checkpoints") / "step-00000003" / "adapter"
     final, want = load_adapters(run_dir / ckpt)[0], load_adapters(plain_dir / ckpt)[0]
     assert final.keys() == want.keys() and all(final[k].equal(want[k]) for k in want)
+
+
+def _render_until_rank_1_is_signalled(rank: int, init_file: str, checkpoint: str, out_dir: str) -> None:
+    """One of two gloo ranks rendering the same clip; rank 1 gets a real SIGTERM during its second forward."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    pipeline = load_pipeline(checkpoint)
+    flag = StopFlag()
+    flag.install()
+    forwards = []
+
+    def count(module, args, output):
+        forwards.append(len(forwards))
+        if rank == 1 and len(forwards) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    pipeline.model.register_forward_hook(count)
+    stopping = any_rank(lambda: flag.signal is not None, torch.device("cpu"))
+    try:
+        generate(pipeline, None, [PROMPT], **{**SIZES, "steps": 6}, progress=False, should_stop=stopping)
+        result = "finished"
+    except RenderInterrupted as e:
+        result = e.steps_done
+    Path(out_dir, f"rank{rank}.json").write_text(
+        json.dumps({"result": result, "signal": flag.signal, "forwards": len(forwards)})
+    )
+    dist.destroy_process_group()
+
+
+def test_a_stop_signal_on_one_rank_stops_every_rank_at_the_same_denoising_step(tiny_checkpoint, tmp_path):
+    """The evaluator's collective stop check (`any_rank`): rank 0, which got no signal, abandons the render at the
+    same step as rank 1, so neither waits for the other in a gather that never comes."""
+    torch.multiprocessing.start_processes(
+        _render_until_rank_1_is_signalled, args=(str(tmp_path / "init"), str(tiny_checkpoint), str(tmp_path)),
+        nprocs=2, start_method="spawn",
+    )  # fmt: skip
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert results == [
+        {"result": 2, "signal": None, "forwards": 2},
+        {"result": 2, "signal": int(signal.SIGTERM), "forwards": 2},
+    ]

@@ -87,8 +87,8 @@ def render_eval(
     `should_stop` is asked before every denoising step; True abandons the renders (RenderInterrupted: renders
     finished before are kept, the abandoned one and renders.json are not written). After the first denoising step
     one log line estimates how long the renders take.
-    `write=False` renders without writing anything and returns []: the ranks of a collective (ZeRO-3) evaluation
-    other than the main one, which must run the same forwards as the rank that writes.
+    `write=False` runs the denoising steps only (nothing decoded or written) and returns []: the ranks of a
+    collective (ZeRO-3) evaluation other than the main one, which must run the same forwards as the rank that writes.
     """
     items = _as_items(prompts)
     options = {**EVAL_DEFAULTS, **sampling}
@@ -116,7 +116,7 @@ def render_eval(
             i + 1, len(items), step, options["num_frames"], options["height"], options["width"], options["steps"],
             _label(item.image if item.image is not None else default_image) or "grey", item.prompt[:80],
         )  # fmt: skip
-        (render,) = generate(
+        renders = generate(
             pipeline,
             None,
             [item.prompt],
@@ -125,10 +125,12 @@ def render_eval(
             seed=item_seed,
             progress=progress,
             should_stop=clock,
+            decode=write,
             **options,
         )
         if not write:
             continue
+        (render,) = renders
         record = save_render(
             render, step_dir, render_stem(i, item.prompt, item_seed), contact_sheet=contact_sheet
         )

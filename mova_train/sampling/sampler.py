@@ -132,6 +132,7 @@ def generate(
     scheduler: FlowMatchScheduler | None = None,
     progress: bool = True,
     should_stop: Callable[[], bool] | None = None,
+    decode: bool = True,
 ) -> list[Render]:
     """Render one clip per prompt with the MOVA sampler (spec §13).
 
@@ -147,6 +148,8 @@ def generate(
         render never depends on the others and the caller's global RNG is left untouched.
     should_stop: asked before every denoising step; True abandons the renders (sampling.control.RenderInterrupted),
         so a stop signal is honoured within one step.
+    decode: False denoises only and returns []: the ranks of a collective (ZeRO-3) render that write nothing run
+        every forward of the model with the others but need no decoded clip.
     """
     pipeline = _as_pipeline(pipeline_or_model, codecs, scheduler)
     codecs = pipeline.codecs
@@ -200,7 +203,7 @@ def generate(
             ]
             stop = StopCheck(should_stop, len(plan) * len(states))
             _denoise(pipeline, states, plan, shape, scale_video, scale_audio, progress, stop)
-            return [_decode(pipeline, state, shape) for state in states]
+            return [_decode(pipeline, state, shape) for state in states] if decode else []
     finally:
         model.train(was_training)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,9 +79,7 @@ class Evaluator:
     def stop_check(self, collective: bool):
         """The `should_stop` of renders and the held-out loss: this rank's stop flag, or, when the evaluation is
         collective, whether any rank got a stop signal (asked the same number of times on every rank)."""
-        if not collective:
-            return self.stopping
-        return lambda: all_reduce([float(self.stopping())], "max", self.device)[0] > 0
+        return any_rank(self.stopping, self.device) if collective else self.stopping
 
     def run(self, step: int, tracker=None) -> bool:
         """Collective: rank 0 evaluates (under ZeRO-3 every rank computes, rank 0 writes), every rank waits for it.
@@ -177,6 +176,12 @@ class Evaluator:
             video_fps=float(self.cfg.objective.video_fps or 24.0), loss_weights=self.objective.loss_weights,
             should_stop=self.stopping if should_stop is None else should_stop,
         )  # fmt: skip
+
+
+def any_rank(check: Callable[[], bool], device: torch.device) -> Callable[[], bool]:
+    """`check` asked on this rank, answered for all: True on every rank when it is True on any. One all-reduce per
+    call, so every rank must ask as often (before each denoising step, each held-out batch)."""
+    return lambda: all_reduce([float(check())], "max", device)[0] > 0
 
 
 def partitioned_by_zero3(model: torch.nn.Module) -> bool:
