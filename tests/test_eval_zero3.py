@@ -151,10 +151,11 @@ def test_zero3_renders_and_heldout_losses_equal_a_single_process_with_the_same_a
     step-2 figures move away from the step-0 baseline), so an evaluation that left them out would fail."""
     run_dir, _, shards = runs
     rows = {r["step"]: r for r in _eval_rows(run_dir)}
-    renders, sounds = {}, {}
+    renders, sounds, codecs = {}, {}, None
     for step in EVAL_STEPS:
         loras = [str(run_dir / "checkpoints" / f"step-{step:08d}")] if step else []  # step 0: the base alone
-        pipeline = load_pipeline(tiny_checkpoint, loras=loras)
+        pipeline = load_pipeline(tiny_checkpoint, loras=loras, codecs=codecs)
+        codecs = pipeline.codecs
         data = DataConfig(
             shards=str(shards),
             batch_size=1,

@@ -5,7 +5,8 @@ Who computes: on the main process alone (the others wait), except under DeepSpee
 part in every forward (ZeRO-3 gathers each module's parameters from all ranks as it runs, so all ranks must run the
 same forwards in the same order): every rank renders the same prompts with the same seeds through the live PEFT
 model (adapters active, nothing merged into the partitioned weights), and only the main process writes files and
-logs. Every rank then loads the codecs too.
+logs. Every rank then loads the codecs too (to encode the prompts and the first frame); only the main process
+decodes.
 
 A stop signal (the trainer's StopFlag) abandons a render at its next denoising step; `run` then tells every rank to
 stop, so the trainer saves a checkpoint and exits at once rather than after the evaluation. In a collective
