@@ -3,7 +3,7 @@ CPU (gloo), with every parameter partitioned (stage3_param_persistence_threshold
 its weights from both ranks). The step-0 baseline, the renders every 2 steps and the held-out loss run on both ranks;
 rank 0 alone writes the files and logs to W&B (offline), once per evaluation. The renders and held-out losses equal
 those of a single process with the same adapters, and the training losses and adapters equal those of the same run
-without evaluation.
+without evaluation. A stop signal on one rank stops both at the same denoising step (two gloo ranks).
 
 The two launches (with and without evaluation) run side by side, and each is made once and shared by the tests.
 """
@@ -58,14 +58,15 @@ def runs(tiny_checkpoint, tmp_path_factory):
                            f"eval.heldout_shards={shards}"),
         "plain": launch_cmd(tiny_checkpoint, shards, root / "plain", *common, "tracking.mode=disabled"),
     }  # fmt: skip
-    procs = {
-        name: subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=launch_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-        for name, cmd in cmds.items()
-    }  # fmt: skip
-    for name, proc in procs.items():
-        out, _ = proc.communicate(timeout=subprocess_timeout(400))
-        assert proc.returncode == 0, f"{name}: exit {proc.returncode}\n{out[-6000:]}"
+    procs = {}
+    for name, cmd in cmds.items():  # output to files: a full pipe would stall a launch while the other runs
+        with open(root / f"{name}.out", "w") as out:
+            procs[name] = subprocess.Popen(
+                cmd, cwd=PROJECT_ROOT, env=launch_env(), stdout=out, stderr=subprocess.STDOUT
+            )
+    codes = {name: proc.wait(timeout=subprocess_timeout(400)) for name, proc in procs.items()}
+    for name, code in codes.items():
+        assert code == 0, f"{name}: exit {code}\n{(root / f'{name}.out').read_text()[-6000:]}"
     return root / "eval", root / "plain", shards
 
 
