@@ -25,7 +25,16 @@ import torch
 from mova_train.data.config import DataConfig
 from mova_train.data.loader import build_loader
 from mova_train.media import read_audio
-from mova_train.sampling import RenderInterrupted, generate, heldout_loss, load_pipeline, render_eval
+from mova_train.models import load_mova
+from mova_train.sampling import (
+    MovaPipeline,
+    RenderInterrupted,
+    generate,
+    heldout_loss,
+    load_pipeline,
+    render_eval,
+)
+from mova_train.training.distributed import broadcast_object
 from mova_train.training.evaluator import any_rank
 from mova_train.training.signals import StopFlag
 from mova_train.training.synthetic import write_random_shards_for
@@ -117,10 +126,12 @@ def test_both_ranks_evaluate_and_rank_0_writes_and_logs_each_render_once(runs):
     assert eval_files == ["eval.jsonl"] + [
         f"step-{s:06d}/{name}" for s in EVAL_STEPS for name in (f"{stem}.mp4", f"{stem}.png", "renders.json")
     ]
-    # rank 1 ran every render (its forwards gather rank 0's partitions and the other way round)
+    # rank 1 ran every render (its forwards gather rank 0's partitions and the other way round), with the inputs
+    # rank 0 prepared: only rank 0 loaded the codecs, once
     for rank in (0, 1):
         log = (run_dir / "logs" / f"rank{rank}.log").read_text()
         assert [s for s in EVAL_STEPS if f"eval render 1/1 at step {s} " in log] == EVAL_STEPS, rank
+        assert log.count("eval: loading the codecs") == (1 if rank == 0 else 0), rank
     # one W&B run (rank 0's), each render and each eval figure logged once, at its step
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
     history = _wandb_history(run_dir)
@@ -208,12 +219,15 @@ def test_training_after_the_evaluations_equals_the_run_without_them(runs):
 
 
 def _render_until_rank_1_is_signalled(rank: int, init_file: str, checkpoint: str, out_dir: str) -> None:
-    """One of two gloo ranks rendering the same clip; rank 1 gets a real SIGTERM during its second forward."""
+    """One of two gloo ranks rendering the same clip as the Evaluator does under ZeRO-3 (rank 0 prepares the
+    inputs with its codecs and shares them, rank 1 has none); rank 1 gets a real SIGTERM in its second forward."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    pipeline = load_pipeline(checkpoint)
+    pipeline = (
+        load_pipeline(checkpoint) if rank == 0 else MovaPipeline.from_model(load_mova(checkpoint), None)
+    )
     flag = StopFlag()
     flag.install()
     forwards = []
@@ -226,7 +240,10 @@ def _render_until_rank_1_is_signalled(rank: int, init_file: str, checkpoint: str
     pipeline.model.register_forward_hook(count)
     stopping = any_rank(lambda: flag.signal is not None, torch.device("cpu"))
     try:
-        generate(pipeline, None, [PROMPT], **{**SIZES, "steps": 6}, progress=False, should_stop=stopping)
+        generate(
+            pipeline, None, [PROMPT], **{**SIZES, "steps": 6}, progress=False, should_stop=stopping,
+            share=broadcast_object,
+        )  # fmt: skip
         result = "finished"
     except RenderInterrupted as e:
         result = e.steps_done

@@ -71,6 +71,7 @@ def render_eval(
     progress: bool = False,
     should_stop=None,
     write: bool = True,
+    share=None,
     **sampling,
 ) -> list[dict]:
     """Render `prompts` (strings or {prompt, image?, negative_prompt?, seed?}) with the model as it is now.
@@ -87,8 +88,9 @@ def render_eval(
     `should_stop` is asked before every denoising step; True abandons the renders (RenderInterrupted: renders
     finished before are kept, the abandoned one and renders.json are not written). After the first denoising step
     one log line estimates how long the renders take.
-    `write=False` runs the denoising steps only (nothing decoded or written) and returns []: the ranks of a
-    collective (ZeRO-3) evaluation other than the main one, which must run the same forwards as the rank that writes.
+    A collective (ZeRO-3) evaluation renders on every rank with `share` (see `generate`): the main rank prepares the
+    inputs with its codecs and writes; the others pass `codecs=None` and `write=False`, run the same forwards, and
+    get [].
     """
     items = _as_items(prompts)
     options = {**EVAL_DEFAULTS, **sampling}
@@ -125,7 +127,7 @@ def render_eval(
             seed=item_seed,
             progress=progress,
             should_stop=clock,
-            decode=write,
+            share=share,
             **options,
         )
         if not write:

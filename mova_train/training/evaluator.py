@@ -5,8 +5,8 @@ Who computes: on the main process alone (the others wait), except under DeepSpee
 part in every forward (ZeRO-3 gathers each module's parameters from all ranks as it runs, so all ranks must run the
 same forwards in the same order): every rank renders the same prompts with the same seeds through the live PEFT
 model (adapters active, nothing merged into the partitioned weights), and only the main process writes files and
-logs. Every rank then loads the codecs too (to encode the prompts and the first frame); only the main process
-decodes.
+logs. Only the main process loads the codecs: it encodes the prompts and first frames and broadcasts them (a few
+MB per render), and decodes the results.
 
 A stop signal (the trainer's StopFlag) abandons a render at its next denoising step; `run` then tells every rank to
 stop, so the trainer saves a checkpoint and exits at once rather than after the evaluation. In a collective
@@ -33,7 +33,7 @@ from mova_train.data.loader import build_loader
 from mova_train.sampling.control import RenderInterrupted
 from mova_train.sampling.defaults import sampling_defaults
 from mova_train.sampling.evaluate import heldout_loss, render_eval, sync_summary
-from mova_train.training.distributed import all_reduce
+from mova_train.training.distributed import all_reduce, broadcast_object
 from mova_train.training.objective import FlowMatchingObjective
 from mova_train.training.signals import StopFlag
 
@@ -112,7 +112,7 @@ class Evaluator:
         try:
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 if self.ev.prompts:
-                    row.update(self.render_prompts(step, tracker, should_stop))
+                    row.update(self.render_prompts(step, tracker, should_stop, collective))
                 if self.ev.heldout_shards:
                     row.update({f"heldout_{k}": v for k, v in self.heldout_loss(should_stop).items()})
         except RenderInterrupted as e:
@@ -141,17 +141,19 @@ class Evaluator:
             items.append(entry)
         return items
 
-    def render_prompts(self, step: int, tracker=None, should_stop=None) -> dict:
-        """Render eval.prompts; only the main process writes the files and logs them (the others, in a collective
-        evaluation, run the same forwards and write nothing)."""
+    def render_prompts(self, step: int, tracker=None, should_stop=None, collective: bool = False) -> dict:
+        """Render eval.prompts; only the main process loads the codecs, writes the files and logs them (the others,
+        in a collective evaluation, get the inputs from it, run the same forwards and write nothing)."""
         ev = self.ev
-        if self.codecs is None:
+        if self.codecs is None and self.is_main:
             checkpoint = resolve_path(self.cfg.model.checkpoint, field_name="model.checkpoint")
+            logger.info("eval: loading the codecs of %s (text encoder, video and audio VAEs)", checkpoint)
             self.codecs = load_codecs(checkpoint, device=self.device)
         records = render_eval(
             self.model, self.codecs, self.prompt_items(), self.out_dir, step=step, seed=ev.seed,
             negative_prompt=ev.negative_prompt, cfg_scale=ev.cfg_scale,
             should_stop=self.stopping if should_stop is None else should_stop, write=self.is_main,
+            share=broadcast_object if collective else None,
             **self.sampling_options(),
         )  # fmt: skip
         if not self.is_main:
