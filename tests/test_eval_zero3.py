@@ -29,6 +29,7 @@ from mova_train.models import load_mova
 from mova_train.sampling import (
     MovaPipeline,
     RenderInterrupted,
+    SamplingError,
     generate,
     heldout_loss,
     load_pipeline,
@@ -265,3 +266,12 @@ def test_a_stop_signal_on_one_rank_stops_every_rank_at_the_same_denoising_step(t
         {"result": 2, "signal": None, "forwards": 2},
         {"result": 2, "signal": int(signal.SIGTERM), "forwards": 2},
     ]
+
+
+def test_a_render_without_codecs_is_refused_unless_it_is_shared(tiny_checkpoint):
+    bare = MovaPipeline.from_model(load_mova(tiny_checkpoint), None)
+    with pytest.raises(SamplingError, match="the pipeline has no codecs"):
+        generate(bare, None, [PROMPT], **SIZES, progress=False)
+    # a shared render whose main rank has no codecs either: nobody can prepare the inputs
+    with pytest.raises(SamplingError, match="main rank of a shared render has no codecs"):
+        generate(bare, None, [PROMPT], **SIZES, progress=False, share=lambda sent: sent)

@@ -3,10 +3,10 @@ RNG stream or training state. Writes `<run_dir>/eval/eval.jsonl` and logs to W&B
 
 Who computes: on the main process alone (the others wait), except under DeepSpeed ZeRO-3, where every rank takes
 part in every forward (ZeRO-3 gathers each module's parameters from all ranks as it runs, so all ranks must run the
-same forwards in the same order): every rank renders the same prompts with the same seeds through the live PEFT
-model (adapters active, nothing merged into the partitioned weights), and only the main process writes files and
-logs. Only the main process loads the codecs: it encodes the prompts and first frames and broadcasts them (a few
-MB per render), and decodes the results.
+same forwards in the same order). Then only the main process loads the codecs: it prepares each render's inputs
+(noise, first-frame condition, prompt embeddings; tens of MB) and broadcasts them, every rank runs the same denoising
+steps through the live PEFT model (adapters active, nothing merged into the partitioned weights), and the main
+process decodes, writes the files and logs. The held-out loss reads the same batches on every rank.
 
 A stop signal (the trainer's StopFlag) abandons a render at its next denoising step; `run` then tells every rank to
 stop, so the trainer saves a checkpoint and exits at once rather than after the evaluation. In a collective
