@@ -118,16 +118,10 @@ def resolve_runtime(cfg: TrainConfig) -> tuple[str, dict | None]:
     any process group starts."""
     mixed_precision = resolve_mixed_precision(cfg)
     ds_config = build_deepspeed_config(cfg, mixed_precision)
-    zero_stage = int(ds_config["zero_optimization"]["stage"]) if ds_config else 0
     if cfg.model.dtype != "float32" and mixed_precision == "no":
         raise ConfigValueError(
             f"model.dtype={cfg.model.dtype!r} with trainer.mixed_precision resolved to 'no': the fp32 adapters "
             "and the low-precision base need bf16 autocast (trainer.mixed_precision=bf16), or use model.dtype=float32"
-        )
-    if cfg.eval.enabled and zero_stage == 3:
-        raise ConfigValueError(
-            "eval.every > 0 or eval.at_start with DeepSpeed ZeRO-3 is not supported (renders would need every rank); "
-            "use ZeRO-2 or render checkpoints with `python -m mova_train.cli.sample`"
         )
     return mixed_precision, ds_config
 
