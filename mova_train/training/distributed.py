@@ -285,3 +285,83 @@ class PeerHeartbeat:
             f"a collective got no answer within trainer.collective_timeout_min={timeout_min:g} min; stopped "
             f"answering: {who}. Underlying error: {text.splitlines()[0] if text else type(exc).__name__}"
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ZeRO-3: rank-local loading of the frozen base
+
+
+def zero3_param_dtype(ds_config: dict, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype DeepSpeed gives the module's parameters: bf16 when its bf16 is on, else the model's own."""
+    return torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") is True else model_dtype
+
+
+def zero3_rank_local_unsupported(ds_config: dict) -> str | None:
+    """Why the rank-local loader cannot fill this ZeRO-3 layout (None: it can). Secondary (hpZ) partitions,
+    quantised weights and NVMe-swapped partitions are filled by DeepSpeed from full tensors only."""
+    zero = ds_config.get("zero_optimization", {})
+    if int(zero.get("zero_hpz_partition_size", 1) or 1) > 1:
+        return "zero_hpz_partition_size > 1"
+    if zero.get("zero_quantized_weights") or zero.get("zero_quantized_nontrainable_weights"):
+        return "quantized weights"
+    if (zero.get("offload_param") or {}).get("device") == "nvme":
+        return "offload_param to nvme"
+    return None
+
+
+class Zero3RankLocalLoader:
+    """`load_mova`'s loader under ZeRO-3: the model is built inside `deepspeed.zero.Init`, which partitions each
+    module's parameters as soon as that module exists, and each rank then fills its own partition of every tensor
+    straight from the safetensors files (plain reads of its byte range). A rank reads and holds 1/world of the base,
+    never all of it. The values are those DeepSpeed would partition from a full load: stored dtype -> the model
+    dtype -> DeepSpeed's parameter dtype, zeros in the padding of the last partition."""
+
+    def __init__(self, ds_config: dict, param_dtype: torch.dtype):
+        self.ds_config = ds_config
+        self.param_dtype = param_dtype
+        self.bytes_read = 0  # tensor bytes this rank read from the files
+
+    def build(self, make):
+        import deepspeed
+
+        # No `dtype=`: deepspeed 0.19.8 ignores it on accelerators without fp16 (the CPU), giving bf16; the config
+        # gives the same dtype as `param_dtype` (bf16 when on, else fp32), which is checked below.
+        with deepspeed.zero.Init(config_dict_or_path=self.ds_config):
+            model = make()
+        wrong = {p.dtype for p in model.parameters()} - {self.param_dtype}
+        if wrong:
+            raise RuntimeError(
+                f"zero.Init built parameters in {sorted(map(str, wrong))}, expected {self.param_dtype}"
+            )
+        return model
+
+    def load(self, module, folder, *, weights_name: str, dtype: torch.dtype | None, component: str) -> None:
+        from mova_train.checkpoint_io import match_module_keys, read_tensor
+
+        tensors = module.state_dict(
+            keep_vars=True
+        )  # parameters stay themselves; their data is the empty stub
+        expected = {k: tuple(getattr(t, "ds_shape", t.shape)) for k, t in tensors.items()}
+        located = match_module_keys(expected, folder, weights_name=weights_name, component=component)
+
+        def cast(values: torch.Tensor) -> torch.Tensor:
+            if not values.is_floating_point():
+                return values
+            return values.to(dtype or values.dtype).to(self.param_dtype)
+
+        with torch.no_grad():
+            for name, t in tensors.items():
+                loc = located[name]
+                part = getattr(t, "ds_tensor", None)
+                if part is None:  # a buffer, or a parameter DeepSpeed did not partition: the whole tensor
+                    values = read_tensor(loc)
+                    t.copy_(cast(values).reshape(loc.shape).to(t.device))
+                else:
+                    size = int(part.ds_numel)
+                    start = size * dist.get_rank(group=t.ds_process_group)
+                    count = max(0, min(size, loc.numel - start))
+                    values = read_tensor(loc, start, count)
+                    part.narrow(0, 0, count).copy_(cast(values).to(part.device))
+                    part.narrow(0, count, size - count).zero_()
+                self.bytes_read += values.numel() * values.element_size()
+                del values
