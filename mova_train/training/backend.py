@@ -50,7 +50,7 @@ def load_base(
         if why_not is None:
             loader = Zero3RankLocalLoader(ds_config, zero3_param_dtype(ds_config, dtype))
             model = load_mova(checkpoint, components=components, dtype=dtype, loader=loader)
-            logger.info("frozen base loaded rank-locally: %.2f GB read by this rank", loader.bytes_read / 1e9)
+            logger.info("frozen base loaded rank-locally: %.1f MB read by this rank", loader.bytes_read / 1e6)
             return model
         logger.warning(
             "ZeRO-3 with %s: every rank loads the whole base before DeepSpeed partitions it", why_not

@@ -310,11 +310,14 @@ def zero3_rank_local_unsupported(ds_config: dict) -> str | None:
 
 
 class Zero3RankLocalLoader:
-    """`load_mova`'s loader under ZeRO-3: the model is built inside `deepspeed.zero.Init`, which partitions each
-    module's parameters as soon as that module exists, and each rank then fills its own partition of every tensor
-    straight from the safetensors files (plain reads of its byte range). A rank reads and holds 1/world of the base,
-    never all of it. The values are those DeepSpeed would partition from a full load: stored dtype -> the model
-    dtype -> DeepSpeed's parameter dtype, zeros in the padding of the last partition."""
+    """`load_mova`'s loader under ZeRO-3: no rank ever holds the whole base. The model is built on `meta`, then
+    turned into ZeRO-3 parameters module by module with `deepspeed.zero.Init(module=...)` (the conversion
+    `deepspeed.initialize` applies to a model built without it), each module's parameters lent a view of one
+    reused scratch buffer the size of the largest module: DeepSpeed partitions them and drops the view, so the only
+    lasting allocations are the partitions. Each rank then fills its own partition of every tensor straight from
+    the safetensors files (plain reads of its byte range): it reads and holds 1/world of the base. The values are
+    those DeepSpeed would partition from a full load: stored dtype -> the model dtype -> DeepSpeed's parameter
+    dtype, zeros in the padding of the last partition."""
 
     def __init__(self, ds_config: dict, param_dtype: torch.dtype):
         self.ds_config = ds_config
@@ -323,16 +326,31 @@ class Zero3RankLocalLoader:
 
     def build(self, make):
         import deepspeed
+        from deepspeed.accelerator import get_accelerator
+        from torch import nn
 
-        # No `dtype=`: deepspeed 0.19.8 ignores it on accelerators without fp16 (the CPU), giving bf16; the config
-        # gives the same dtype as `param_dtype` (bf16 when on, else fp32), which is checked below.
-        with deepspeed.zero.Init(config_dict_or_path=self.ds_config):
+        with torch.device("meta"):
             model = make()
-        wrong = {p.dtype for p in model.parameters()} - {self.param_dtype}
-        if wrong:
-            raise RuntimeError(
-                f"zero.Init built parameters in {sorted(map(str, wrong))}, expected {self.param_dtype}"
-            )
+        buffers = [n for n, _ in model.named_buffers()]
+        if buffers:  # the model has none; a buffer would need its own fill
+            raise RuntimeError(f"rank-local ZeRO-3 loading does not handle buffers: {buffers[:3]}")
+        device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0"))))
+        modules = list(model.modules())[::-1]  # every module after all of its descendants
+        largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in modules)
+        # Uninitialised on purpose: DeepSpeed broadcasts rank 0's scratch and keeps each rank's part, which
+        # `load` then overwrites from the files.
+        scratch = torch.empty(largest, dtype=self.param_dtype, device=device)
+        converted: dict[int, nn.Parameter] = {}  # a parameter shared by two modules stays one parameter
+        for module in modules:
+            offset, fresh = 0, False
+            for name, p in list(module.named_parameters(recurse=False)):
+                if id(p) not in converted:
+                    view = scratch[offset : offset + p.numel()].view(p.shape)
+                    converted[id(p)] = nn.Parameter(view, requires_grad=p.requires_grad)
+                    offset, fresh = offset + p.numel(), True
+                setattr(module, name, converted[id(p)])
+            if fresh:
+                deepspeed.zero.Init(module=module, config_dict_or_path=self.ds_config)
         return model
 
     def load(self, module, folder, *, weights_name: str, dtype: torch.dtype | None, component: str) -> None:
