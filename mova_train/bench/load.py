@@ -152,9 +152,7 @@ def run_load_bench(args: argparse.Namespace) -> int:
             _write_checkpoint(checkpoint, args.size_gb * 1e9)
         size = _weights_bytes(checkpoint)
         gib = 1 << 30
-        print(
-            f"checkpoint {checkpoint.name}: {size / gib:.2f} GiB of safetensors; 2 ranks, gloo, ZeRO-3 (CPU)"
-        )
+        print(f"checkpoint: {size / gib:.2f} GiB of safetensors; 2 ranks, gloo, ZeRO-3 (CPU)")
         for loader in loaders:
             for rank, r in enumerate(_measure(checkpoint, loader, tmp)):
                 grown = r["peak"] - r["before"]
