@@ -356,30 +356,19 @@ class Zero3RankLocalLoader:
     def load(self, module, folder, *, weights_name: str, dtype: torch.dtype | None, component: str) -> None:
         from mova_train.checkpoint_io import match_module_keys, read_tensor
 
-        tensors = module.state_dict(
-            keep_vars=True
-        )  # parameters stay themselves; their data is the empty stub
-        expected = {k: tuple(getattr(t, "ds_shape", t.shape)) for k, t in tensors.items()}
+        # `build` made every parameter a ZeRO-3 one and allowed no buffers: these are all of the state dict
+        params = dict(module.named_parameters(remove_duplicate=False))
+        expected = {k: tuple(p.ds_shape) for k, p in params.items()}
         located = match_module_keys(expected, folder, weights_name=weights_name, component=component)
-
-        def cast(values: torch.Tensor) -> torch.Tensor:
-            if not values.is_floating_point():
-                return values
-            return values.to(dtype or values.dtype).to(self.param_dtype)
-
         with torch.no_grad():
-            for name, t in tensors.items():
-                loc = located[name]
-                part = getattr(t, "ds_tensor", None)
-                if part is None:  # a buffer, or a parameter DeepSpeed did not partition: the whole tensor
-                    values = read_tensor(loc)
-                    t.copy_(cast(values).reshape(loc.shape).to(t.device))
-                else:
-                    size = int(part.ds_numel)
-                    start = size * dist.get_rank(group=t.ds_process_group)
-                    count = max(0, min(size, loc.numel - start))
-                    values = read_tensor(loc, start, count)
-                    part.narrow(0, 0, count).copy_(cast(values).to(part.device))
-                    part.narrow(0, count, size - count).zero_()
-                self.bytes_read += values.numel() * values.element_size()
-                del values
+            for name, p in params.items():
+                loc, part = located[name], p.ds_tensor
+                size = int(part.ds_numel)
+                start = size * dist.get_rank(group=p.ds_process_group)
+                count = max(0, min(size, loc.numel - start))
+                values = read_tensor(loc, start, count)
+                if values.is_floating_point():  # the casts of a full load, then DeepSpeed's
+                    values = values.to(dtype or values.dtype).to(self.param_dtype)
+                part.narrow(0, 0, count).copy_(values)
+                part.narrow(0, count, size - count).zero_()
+                self.bytes_read += count * loc.torch_dtype.itemsize
