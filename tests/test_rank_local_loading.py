@@ -21,6 +21,7 @@ import torch
 
 from mova_train.checkpoint_io import CheckpointError, load_component_state, save_component
 from mova_train.codecs import codec_identity
+from mova_train.codecs.identity import IDENTITY_VERSION
 from mova_train.names import AUDIO_DIT, COMPONENTS, WEIGHTS_NAME
 
 BAD_KEY = "blocks.0.ffn.0.weight"  # an audio tower linear, stored transposed in the broken copy
@@ -137,10 +138,20 @@ def test_codec_identity_cache_reads_no_weights_until_a_file_changes(tiny_checkpo
     assert codec_identity(ckpt, cache_dir=cache) == first
 
 
-def test_codec_identity_cache_unwritable_dir_still_answers(tiny_checkpoint, tmp_path):
+def test_codec_identity_unusable_cache_still_answers(tiny_checkpoint, tmp_path):
+    want = codec_identity(tiny_checkpoint, cache=False)
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("a file where the cache folder would go")
-    assert codec_identity(tiny_checkpoint, cache_dir=blocker) == codec_identity(tiny_checkpoint, cache=False)
+    assert codec_identity(tiny_checkpoint, cache_dir=blocker) == want
+    # a damaged cache file is ignored and written again
+    ckpt, cache = tmp_path / "ckpt", tmp_path / "cache"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    _age_files(ckpt, 100)
+    codec_identity(ckpt, cache_dir=cache)
+    (entry,) = (cache / "codec_identity").glob("*.json")
+    entry.write_text(json.dumps({"version": IDENTITY_VERSION, "entries": [want]}))
+    assert codec_identity(ckpt, cache_dir=cache) == want
+    assert json.loads(entry.read_text())["entries"]["audio_vae,text_encoder,video_vae"]["identity"] == want
 
 
 if __name__ == "__main__":

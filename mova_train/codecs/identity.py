@@ -191,7 +191,8 @@ def codec_identity(
     except (CheckpointError, OSError):
         return _compute_identity(checkpoint_dir, components)  # raises the clear error for what is missing
     stored = _read_cache(path)
-    entry = stored.get("entries", {}).get(entry_key)
+    entries = stored.get("entries") if isinstance(stored.get("entries"), dict) else {}
+    entry = entries.get(entry_key)
     if isinstance(entry, dict) and entry.get("files") == files and isinstance(entry.get("identity"), str):
         return entry["identity"]
     started = time.time_ns()
@@ -200,7 +201,6 @@ def codec_identity(
         mtime >= started - _RACY_NS for _, mtime in files.values()
     ):
         return identity  # changed while hashing, or too fresh to trust its mtime: do not cache
-    entries = stored.get("entries", {}) if isinstance(stored.get("entries"), dict) else {}
     entries[entry_key] = {"files": files, "identity": identity}
     record = {"version": IDENTITY_VERSION, "checkpoint": str(checkpoint_dir.resolve()), "entries": entries}
     try:
