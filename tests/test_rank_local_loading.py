@@ -19,7 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from mova_train.checkpoint_io import CheckpointError, load_component_state, save_component
+from mova_train.checkpoint_io import (
+    CheckpointError,
+    load_component_state,
+    locate_tensors,
+    read_tensor,
+    save_component,
+    write_safetensors,
+)
 from mova_train.codecs import codec_identity
 from mova_train.codecs.identity import IDENTITY_VERSION
 from mova_train.names import AUDIO_DIT, COMPONENTS, WEIGHTS_NAME
@@ -88,6 +95,24 @@ def test_zero3_ranks_hold_only_their_partitions_equal_to_the_checkpoint(tiny_che
         assert report["full_numel"] / 2 <= report["local_numel"] <= report["full_numel"] / 2 + 1000
         assert f"shape mismatch for {BAD_KEY} in {WEIGHTS_NAME}.safetensors" in report["refused"]
         assert f"checkpoint {shape[::-1]}, model expects {shape}" in report["refused"]
+
+
+def test_read_tensor_returns_exactly_a_flat_range_and_bad_spans_are_refused(tmp_path):
+    t = torch.arange(35, dtype=torch.float32).reshape(5, 7) / 3
+    write_safetensors(tmp_path / "w.safetensors", {"a": torch.zeros(3, dtype=torch.bfloat16), "t": t})
+    loc = locate_tensors(tmp_path, weights_name="w")["t"]
+    assert loc.shape == (5, 7) and loc.torch_dtype == torch.float32
+    for start, count in ((0, 35), (18, 17), (34, 1), (35, 0), (3, 9)):
+        assert torch.equal(read_tensor(loc, start, count), t.reshape(-1)[start : start + count])
+    with pytest.raises(ValueError, match="outside a tensor of 35"):
+        read_tensor(loc, 30, 6)
+    # a header whose span does not hold dtype x shape bytes names the tensor and the sizes
+    raw = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "w.safetensors").write_bytes(raw.replace(b'"shape":[5,7]', b'"shape":[5,6]'))
+    with pytest.raises(
+        CheckpointError, match=r"tensor 't' spans 140 bytes, its dtype F32 and shape \[5, 6\] need 120"
+    ):
+        locate_tensors(tmp_path, weights_name="w")
 
 
 # ---------------------------------------------------------------------------------------------------------------
