@@ -49,6 +49,7 @@ bench: setup
 	$(PY) -m mova_train.bench train
 	$(PY) -m mova_train.bench sampling
 	$(PY) -m mova_train.bench export
+	$(PY) -m mova_train.bench load
 
 # Re-resolve the newest versions the project's ranges allow into $(LOCK), in a throw-away venv. Then regenerate the
 # golden-loss file in the same commit (README: "Pinned dependencies"); the tests refuse a lock the golden file was not

@@ -479,6 +479,115 @@ def load_component_state(
     return out
 
 
+@dataclass(frozen=True)
+class TensorLocation:
+    """Where one tensor of a component is stored: its file, safetensors dtype, shape and absolute byte span."""
+
+    path: Path
+    dtype: str  # safetensors dtype, e.g. "BF16"
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= int(d)
+        return n
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        name = _SAFETENSORS_DTYPES.get(self.dtype)
+        if name is None or not hasattr(torch, name):
+            raise CheckpointError(f"{self.path}: unsupported safetensors dtype {self.dtype!r}")
+        return getattr(torch, name)
+
+
+def locate_tensors(folder: str | os.PathLike, *, weights_name: str) -> dict[str, TensorLocation]:
+    """`{key: TensorLocation}` of a component from its safetensors headers (no tensor data is read); every span is
+    checked to lie in its file and to hold exactly dtype x shape bytes."""
+    folder = Path(folder)
+    read_component_header(folder, weights_name=weights_name)  # index agreement, duplicate keys
+    out: dict[str, TensorLocation] = {}
+    for name in list_weight_files(folder, weights_name=weights_name):
+        header = read_safetensors_header(folder / name)
+        for key, entry in header.entries.items():
+            if key == "__metadata__":
+                continue
+            try:
+                begin, end = (header.data_start + int(o) for o in entry["data_offsets"])
+                loc = TensorLocation(
+                    folder / name, entry["dtype"], tuple(int(d) for d in entry["shape"]), begin, end
+                )
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{folder / name}: corrupt header entry for {key!r}") from None
+            if end - begin != loc.numel * torch.empty((), dtype=loc.torch_dtype).element_size():
+                raise CheckpointError(
+                    f"{folder / name}: tensor {key!r} spans {end - begin} bytes, its dtype {loc.dtype} and shape "
+                    f"{list(loc.shape)} need {loc.numel * torch.empty((), dtype=loc.torch_dtype).element_size()}"
+                )
+            out[key] = loc
+    return out
+
+
+def read_tensor(loc: TensorLocation, start: int = 0, count: int | None = None) -> torch.Tensor:
+    """Elements `[start, start + count)` of the flattened tensor at `loc` (all of it by default), as a 1-D tensor of
+    its stored dtype. Plain file reads, no memory map: only these bytes enter this process's memory."""
+    count = loc.numel - start if count is None else count
+    if start < 0 or count < 0 or start + count > loc.numel:
+        raise ValueError(f"elements [{start}, {start + count}) are outside a tensor of {loc.numel}")
+    out = torch.empty(count, dtype=loc.torch_dtype)
+    if count == 0:
+        return out
+    raw = out.view(torch.uint8).numpy()
+    try:
+        with open(loc.path, "rb", buffering=0) as f:
+            f.seek(loc.begin + start * out.element_size())
+            view, done = memoryview(raw), 0
+            while done < len(view):
+                n = f.readinto(view[done:])
+                if not n:
+                    raise CheckpointError(f"{loc.path} ended early (truncated while reading?)")
+                done += n
+    except OSError as e:
+        raise CheckpointError(f"cannot read {loc.path}: {e}") from None
+    return out
+
+
+def match_module_keys(
+    expected: dict[str, tuple[int, ...]],
+    folder: str | os.PathLike,
+    *,
+    weights_name: str,
+    component: str = "",
+    key_map: Callable[[str], str] | None = None,
+    tied: dict[str, str] | None = None,
+) -> dict[str, TensorLocation]:
+    """Match a module's `{name: shape}` strictly against a component folder (missing, unexpected and misshaped
+    keys raise CheckpointError naming them and their files); `{module name: TensorLocation}` of every name.
+
+    `key_map` renames checkpoint keys to module keys. `tied={"alias": "source"}`: the module has both names for one
+    tensor and the checkpoint may store either or both."""
+    folder = Path(folder)
+    tied = tied or {}
+    key_map = key_map or (lambda k: k)
+    stored = locate_tensors(folder, weights_name=weights_name)
+    located = {key_map(k): loc for k, loc in stored.items()}
+    found = {k: loc.shape for k, loc in located.items()}
+    files = {k: loc.path.name for k, loc in located.items()}
+    # Tied names: the checkpoint may omit either name of a pair, but not both.
+    for alias, source in tied.items():
+        if alias in located and source in located:
+            continue
+        if alias in located:
+            found[source], located[source] = found[alias], located[alias]
+        elif source in located:
+            found[alias], located[alias] = found[source], located[source]
+    check_keys(found, expected, where=f"{component or folder.name} ({folder})", files=files)
+    return located
+
+
 def load_module_strict(
     module: nn.Module,
     folder: str | os.PathLike,
@@ -492,37 +601,23 @@ def load_module_strict(
 ) -> nn.Module:
     """Fill `module` (possibly on `meta`) from a component folder, strictly, one tensor at a time.
 
-    `key_map` renames checkpoint keys to module keys. `tied={"alias": "source"}`: the module has both names for one
-    tensor and the checkpoint may store either or both. Parameters on `meta` are replaced by the loaded tensors
-    (`assign=True`), so peak memory is one copy of the weights.
-    """
-    folder = Path(folder)
-    tied = tied or {}
-    header = read_component_header(folder, weights_name=weights_name)
-    key_map = key_map or (lambda k: k)
-    found = {key_map(k): v[0] for k, v in header.items()}
-    files = {key_map(k): f for k, f in _key_files(folder, weights_name).items()}
+    Keys are matched by `match_module_keys` (`key_map`, `tied`) before anything is read. Each tensor is read from
+    its file, moved to `device` and cast to `dtype` (floating tensors only) alone; parameters on `meta` are replaced
+    by the loaded tensors (`assign=True`), so peak memory is one copy of the weights on `device` and one tensor in
+    host memory."""
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    # Tied names: the checkpoint may omit either name of a pair, but not both.
-    for alias, source in tied.items():
-        if alias in found and source in found:
-            continue
-        if alias in found:
-            found[source] = found[alias]
-        elif source in found:
-            found[alias] = found[source]
-    check_keys(found, expected, where=f"{component or folder.name} ({folder})", files=files)
-
+    located = match_module_keys(
+        expected, folder, weights_name=weights_name, component=component, key_map=key_map, tied=tied
+    )
     state: dict[str, torch.Tensor] = {}
-    for k, t in _iter_tensors(folder, weights_name, device):
-        name = key_map(k)
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
+    loaded: dict[tuple[Path, int], torch.Tensor] = {}  # tied names share one read
+    for name, loc in sorted(located.items(), key=lambda kv: (str(kv[1].path), kv[1].begin)):
+        t = loaded.get((loc.path, loc.begin))
+        if t is None:
+            t = read_tensor(loc).reshape(loc.shape).to(device)
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            loaded[(loc.path, loc.begin)] = t
         state[name] = t
-    for alias, source in tied.items():
-        if alias not in state and source in state:
-            state[alias] = state[source]
-        elif source not in state and alias in state:
-            state[source] = state[alias]
     module.load_state_dict(state, strict=True, assign=True)
     return module

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_dir(tmp_path_factory):
+    """The codec-identity cache (and anything else cached per user) goes to a folder of this session, inherited by
+    every subprocess, so the tests neither read nor write the user's ~/.cache."""
+    os.environ["MOVA_TRAIN_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="session")

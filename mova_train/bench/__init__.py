@@ -39,6 +39,11 @@ COMMANDS = {
         "run_export_bench",
         "peak memory of a merged export against the base shard size (written tensor by tensor)",
     ),
+    "load": (
+        "mova_train.bench.load",
+        "run_load_bench",
+        "peak host memory per rank when 2 ranks load a mid-size base under ZeRO-3 (full vs rank-local loading)",
+    ),
     "sampling": (
         "mova_train.bench.sampling",
         "run_sampling_bench",

@@ -1,15 +1,20 @@
 """Read and write MOVA checkpoint folders (released layout): configs, model_index.json, strict component loading.
 
 Components are built on `meta` from their own config.json and materialised from the safetensors files, so peak
-memory is one copy of the weights; only the requested components are read.
+memory is one copy of the weights; only the requested components are read. A `ComponentLoader` replaces how the
+model is built and filled: distributed training passes one that builds it partitioned across ranks (ZeRO-3) and
+fills each rank's part alone (`mova_train.training.distributed`), so no rank holds the whole base.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import torch
+from torch import nn
 
 from ..checkpoint_io import CheckpointError, load_module_strict, read_json, save_component, write_json_atomic
 from ..names import (
@@ -138,19 +143,45 @@ def read_mova_config(checkpoint_dir: str | os.PathLike) -> MovaConfig:
         raise ConfigError(f"{root}: {e}") from None
 
 
+class ComponentLoader(Protocol):
+    """How `load_mova` builds the model and fills one component; the default builds on `meta` and reads each
+    tensor to one device (`load_module_strict`)."""
+
+    def build(self, make: Callable[[], MovaModel]) -> MovaModel:
+        """Call `make()` (it constructs the model) in whatever context places its parameters."""
+        ...
+
+    def load(
+        self, module: nn.Module, folder: Path, *, weights_name: str, dtype: torch.dtype | None, component: str
+    ) -> None:
+        """Fill `module` from a component folder strictly (`checkpoint_io.match_module_keys`)."""
+        ...
+
+
 def load_mova(
     checkpoint_dir: str | os.PathLike,
     components=COMPONENTS,
     dtype: torch.dtype | None = torch.float32,
     device: str | torch.device = "cpu",
+    *,
+    loader: ComponentLoader | None = None,
 ) -> MovaModel:
     """Load the requested components strictly (missing/unexpected/misshaped keys raise CheckpointError).
 
-    `dtype` None keeps the stored dtype. Components not requested stay None and are never read.
+    `dtype` None keeps the stored dtype. Components not requested stay None and are never read. Tensors are read
+    one at a time straight to `device`. `loader` replaces how the model is built and filled (`device` is then
+    the loader's business).
     """
     root = Path(checkpoint_dir)
     components = check_components(components)
     config = read_mova_config(root)
+    if loader is not None:
+        model = loader.build(lambda: MovaModel(config, components))
+        for name in components:
+            loader.load(
+                getattr(model, name), root / name, weights_name=WEIGHTS_NAME, dtype=dtype, component=name
+            )
+        return model
     with torch.device("meta"):
         model = MovaModel(config, components)  # nothing allocated yet
     for name in components:

@@ -70,6 +70,8 @@ def render_eval(
     contact_sheet: bool = True,
     progress: bool = False,
     should_stop=None,
+    write: bool = True,
+    share=None,
     **sampling,
 ) -> list[dict]:
     """Render `prompts` (strings or {prompt, image?, negative_prompt?, seed?}) with the model as it is now.
@@ -80,11 +82,15 @@ def render_eval(
     `sampling` is passed to `generate` (num_frames, height, width, steps, cfg_scale, cfg_scale_audio, fps;
     negative_prompt and image act as defaults for prompts without their own); num_frames, height, width and
     steps not given are the checkpoint's (sampling.defaults); prompts without any image are conditioned on a
-    mid-grey first frame. `model` may be a MovaModel (DDP/DeepSpeed wrappers are unwrapped; ZeRO-3-partitioned
-    weights must be gathered by the caller) or a MovaPipeline.
+    mid-grey first frame. `model` may be a MovaModel (DDP/DeepSpeed wrappers are unwrapped; under ZeRO-3 every
+    rank must call this with the same arguments, since each module's forward gathers its weights from all ranks) or
+    a MovaPipeline.
     `should_stop` is asked before every denoising step; True abandons the renders (RenderInterrupted: renders
     finished before are kept, the abandoned one and renders.json are not written). After the first denoising step
     one log line estimates how long the renders take.
+    A collective (ZeRO-3) evaluation renders on every rank with `share` (see `generate`): the main rank prepares the
+    inputs with its codecs and writes; the others pass `codecs=None` and `write=False`, run the same forwards, and
+    get [].
     """
     items = _as_items(prompts)
     options = {**EVAL_DEFAULTS, **sampling}
@@ -112,7 +118,7 @@ def render_eval(
             i + 1, len(items), step, options["num_frames"], options["height"], options["width"], options["steps"],
             _label(item.image if item.image is not None else default_image) or "grey", item.prompt[:80],
         )  # fmt: skip
-        (render,) = generate(
+        renders = generate(
             pipeline,
             None,
             [item.prompt],
@@ -121,13 +127,19 @@ def render_eval(
             seed=item_seed,
             progress=progress,
             should_stop=clock,
+            share=share,
             **options,
         )
+        if not write:
+            continue
+        (render,) = renders
         record = save_render(
             render, step_dir, render_stem(i, item.prompt, item_seed), contact_sheet=contact_sheet
         )
         record["step"] = int(step)
         records.append(record)
+    if not write:
+        return []
     options_record = {**options, "negative_prompt": default_negative, "image": _label(default_image)}
     write_json_atomic(
         step_dir / "renders.json", {"step": int(step), "sampling": options_record, "renders": records}

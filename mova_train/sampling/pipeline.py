@@ -121,8 +121,9 @@ class MovaPipeline:
     def from_model(cls, model, codecs, *, scheduler: FlowMatchScheduler | None = None) -> MovaPipeline:
         """Wrap an in-memory model (e.g. the one being trained, adapters attached) for sampling.
 
-        DDP / DeepSpeed engine wrappers are looked through (`.module`); ZeRO-3-partitioned weights must be
-        gathered by the caller.
+        DDP / DeepSpeed engine wrappers are looked through (`.module`). Adapters stay as they are (live PEFT
+        layers, never merged: under ZeRO-3 the weights are partitioned, and each module's forward gathers them, so
+        every rank must run the same forwards).
         """
         while not hasattr(model, "config") and hasattr(model, "module"):
             model = model.module

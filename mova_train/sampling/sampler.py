@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -132,6 +133,7 @@ def generate(
     scheduler: FlowMatchScheduler | None = None,
     progress: bool = True,
     should_stop: Callable[[], bool] | None = None,
+    share: Callable[[Any], Any] | None = None,
 ) -> list[Render]:
     """Render one clip per prompt with the MOVA sampler (spec §13).
 
@@ -147,8 +149,12 @@ def generate(
         render never depends on the others and the caller's global RNG is left untouched.
     should_stop: asked before every denoising step; True abandons the renders (sampling.control.RenderInterrupted),
         so a stop signal is honoured within one step.
+    share: for a render that several ranks run together (ZeRO-3: every forward gathers the weights from all
+        ranks), called on every rank with this rank's prepared inputs and returning the main rank's, e.g. a
+        broadcast from rank 0; each rank then denoises the same latents. A rank whose pipeline has no codecs
+        prepares nothing (it passes None), denoises with the others and returns [] (nothing to decode with).
     """
-    pipeline = _as_pipeline(pipeline_or_model, codecs, scheduler)
+    pipeline = _as_pipeline(pipeline_or_model, codecs, scheduler, shared=share is not None)
     codecs = pipeline.codecs
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -158,16 +164,18 @@ def generate(
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str) or not prompt.strip():
             raise SamplingError(f"prompt {i} must be a non-empty string, got {prompt!r}")
-    shape = check_sample_shape(
-        num_frames,
-        height,
-        width,
-        fps,
-        temporal_stride=codecs.video_temporal_stride,
-        spatial_stride=codecs.video_spatial_stride,
-        sample_rate=codecs.sample_rate,
-        audio_hop=codecs.audio_hop,
-    )
+    shape = None  # without codecs (a rank of a shared render) the main rank's shape comes with `share`
+    if codecs is not None:
+        shape = check_sample_shape(
+            num_frames,
+            height,
+            width,
+            fps,
+            temporal_stride=codecs.video_temporal_stride,
+            spatial_stride=codecs.video_spatial_stride,
+            sample_rate=codecs.sample_rate,
+            audio_hop=codecs.audio_hop,
+        )
     scale_video = _check_scale("cfg_scale", cfg_scale)
     scale_audio = scale_video if cfg_scale_audio is None else _check_scale("cfg_scale_audio", cfg_scale_audio)
     guided = not (scale_video == 1.0 and scale_audio == 1.0)
@@ -186,7 +194,7 @@ def generate(
         else [image] * len(prompts)
     )
     plan = plan_steps(pipeline.scheduler, steps, pipeline.boundary)
-    if any(i is None for i in images):
+    if codecs is not None and any(i is None for i in images):
         log.warning("no reference image: conditioning on a mid-grey first frame (the clip will open on grey)")
 
     model = pipeline.model
@@ -194,25 +202,51 @@ def generate(
     model.eval()
     try:
         with torch.no_grad():
-            states = [
-                _prepare(pipeline, shape, prompt, negative, image_i, seed_i, guided)
-                for prompt, negative, image_i, seed_i in zip(prompts, negatives, images, seeds)
-            ]
+            states = None
+            if codecs is not None:
+                states = [
+                    _prepare(pipeline, shape, prompt, negative, image_i, seed_i, guided)
+                    for prompt, negative, image_i, seed_i in zip(prompts, negatives, images, seeds)
+                ]
+            if share is not None:
+                shape, states = _shared_inputs(share, shape, states, pipeline.device)
             stop = StopCheck(should_stop, len(plan) * len(states))
             _denoise(pipeline, states, plan, shape, scale_video, scale_audio, progress, stop)
-            return [_decode(pipeline, state, shape) for state in states]
+            return [_decode(pipeline, state, shape) for state in states] if codecs is not None else []
     finally:
         model.train(was_training)
 
 
-def _as_pipeline(pipeline_or_model, codecs, scheduler) -> MovaPipeline:
+def _shared_inputs(share, shape, states, device) -> tuple[SampleShape, list[_RenderState]]:
+    """The main rank's (shape, prepared inputs) on this rank: sent from the CPU, put back on this rank's device."""
+    sent = None if states is None else [_moved(state, torch.device("cpu")) for state in states]
+    shape, received = share((shape, sent))
+    if received is None:
+        raise SamplingError(
+            "generate: the main rank of a shared render has no codecs to prepare the inputs with"
+        )
+    return shape, [_moved(state, device) for state in received]
+
+
+def _moved(state: _RenderState, device: torch.device) -> _RenderState:
+    tensors = ("x_video", "x_audio", "cond", "text", "text_negative")
+    return replace(
+        state, **{k: None if getattr(state, k) is None else getattr(state, k).to(device) for k in tensors}
+    )
+
+
+def _as_pipeline(pipeline_or_model, codecs, scheduler, *, shared: bool = False) -> MovaPipeline:
     if isinstance(pipeline_or_model, MovaPipeline):
+        if pipeline_or_model.codecs is None and not shared:
+            raise SamplingError(
+                "generate: the pipeline has no codecs (only a rank of a shared render may lack them)"
+            )
         if codecs is not None and codecs is not pipeline_or_model.codecs:
             raise SamplingError("generate: pass codecs either in the pipeline or as an argument, not both")
         if scheduler is not None:
             raise SamplingError("generate: a pipeline brings its own scheduler; do not pass scheduler=")
         return pipeline_or_model
-    if codecs is None:
+    if codecs is None and not shared:
         raise SamplingError("generate: codecs are required when sampling from a bare model (see load_codecs)")
     return MovaPipeline.from_model(pipeline_or_model, codecs, scheduler=scheduler)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +19,54 @@ import torch
 from torch import nn
 
 from mova_train.lora import extract_lora_state, load_adapters, load_lora_state_dict
+from mova_train.models.checkpoint import load_mova
 from mova_train.run_layout import adapter_dir
 from mova_train.training import checkpoint as ckpt_io
-from mova_train.training.distributed import all_reduce
+from mova_train.training.distributed import (
+    Zero3RankLocalLoader,
+    all_reduce,
+    zero3_param_dtype,
+    zero3_rank_local_unsupported,
+)
 from mova_train.upstream import clear_zero3_stale_grads, relink_zero_optimizer_states
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")  # torch AdamW's per-parameter state besides `step`
+logger = logging.getLogger(__name__)
+
+
+def load_base(
+    checkpoint: Path,
+    components: tuple[str, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    ds_config: dict | None,
+) -> nn.Module:
+    """The frozen base as the chosen backend wants it, without any rank holding all of it in host memory: under
+    ZeRO-3 built partitioned and each rank's part read alone (`Zero3RankLocalLoader`); otherwise every rank
+    holds the whole model anyway, so it is read tensor by tensor straight to `device`."""
+    zero_stage = int(ds_config["zero_optimization"]["stage"]) if ds_config else 0
+    if zero_stage == 3:
+        why_not = zero3_rank_local_unsupported(ds_config)
+        if why_not is None:
+            loader = Zero3RankLocalLoader(ds_config, zero3_param_dtype(ds_config, dtype))
+            model = load_mova(checkpoint, components=components, dtype=dtype, loader=loader)
+            logger.info("frozen base loaded rank-locally: %.1f MB read by this rank", loader.bytes_read / 1e6)
+            return model
+        logger.warning(
+            "ZeRO-3 with %s: every rank loads the whole base before DeepSpeed partitions it", why_not
+        )
+        return load_mova(checkpoint, components=components, dtype=dtype, device="cpu")
+    return load_mova(checkpoint, components=components, dtype=dtype, device=device)
+
+
+def _cast_unpartitioned_like_deepspeed(model: nn.Module, dtype: torch.dtype) -> None:
+    """DeepSpeed casts every parameter to its dtype unless the model was built under `zero.Init`, where it casts
+    none; the base was, the adapters added since were not, so they get the cast DeepSpeed would have made."""
+    if not any(hasattr(p, "ds_id") for p in model.parameters()):
+        return
+    for p in model.parameters():
+        if not hasattr(p, "ds_id") and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
 
 
 @dataclass
@@ -152,6 +195,8 @@ class DeepSpeedBackend(Backend):
     rank makes it skip the step on every rank (its overflow check all-reduces)."""
 
     def __init__(self, accelerator, model, optimizer, max_grad_norm: float, *, bf16: bool):
+        if bf16:
+            _cast_unpartitioned_like_deepspeed(model, torch.bfloat16)
         super().__init__(accelerator, model, optimizer, max_grad_norm)
         self.engine = self.model
         self.zero_stage = int(self.engine.zero_optimization_stage())

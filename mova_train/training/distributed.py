@@ -118,16 +118,10 @@ def resolve_runtime(cfg: TrainConfig) -> tuple[str, dict | None]:
     any process group starts."""
     mixed_precision = resolve_mixed_precision(cfg)
     ds_config = build_deepspeed_config(cfg, mixed_precision)
-    zero_stage = int(ds_config["zero_optimization"]["stage"]) if ds_config else 0
     if cfg.model.dtype != "float32" and mixed_precision == "no":
         raise ConfigValueError(
             f"model.dtype={cfg.model.dtype!r} with trainer.mixed_precision resolved to 'no': the fp32 adapters "
             "and the low-precision base need bf16 autocast (trainer.mixed_precision=bf16), or use model.dtype=float32"
-        )
-    if cfg.eval.enabled and zero_stage == 3:
-        raise ConfigValueError(
-            "eval.every > 0 or eval.at_start with DeepSpeed ZeRO-3 is not supported (renders would need every rank); "
-            "use ZeRO-2 or render checkpoints with `python -m mova_train.cli.sample`"
         )
     return mixed_precision, ds_config
 
@@ -292,3 +286,90 @@ class PeerHeartbeat:
             f"a collective got no answer within trainer.collective_timeout_min={timeout_min:g} min; stopped "
             f"answering: {who}. Underlying error: {text.splitlines()[0] if text else type(exc).__name__}"
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ZeRO-3: rank-local loading of the frozen base
+
+
+def zero3_param_dtype(ds_config: dict, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype DeepSpeed gives the module's parameters: bf16 when its bf16 is on, else the model's own."""
+    return torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") is True else model_dtype
+
+
+def zero3_rank_local_unsupported(ds_config: dict) -> str | None:
+    """Why the rank-local loader cannot fill this ZeRO-3 layout (None: it can). Secondary (hpZ) partitions,
+    quantised weights and NVMe-swapped partitions are filled by DeepSpeed from full tensors only."""
+    zero = ds_config.get("zero_optimization", {})
+    if int(zero.get("zero_hpz_partition_size", 1) or 1) > 1:
+        return "zero_hpz_partition_size > 1"
+    if zero.get("zero_quantized_weights") or zero.get("zero_quantized_nontrainable_weights"):
+        return "quantized weights"
+    if (zero.get("offload_param") or {}).get("device") == "nvme":
+        return "offload_param to nvme"
+    return None
+
+
+class Zero3RankLocalLoader:
+    """`load_mova`'s loader under ZeRO-3: no rank ever holds the whole base. The model is built on `meta`, then
+    turned into ZeRO-3 parameters module by module with `deepspeed.zero.Init(module=...)` (the conversion
+    `deepspeed.initialize` applies to a model built without it), each module's parameters lent a view of one
+    reused scratch buffer the size of the largest module: DeepSpeed partitions them and drops the view, so the only
+    lasting allocations are the partitions. Each rank then fills its own partition of every tensor straight from
+    the safetensors files (plain reads of its byte range): it reads and holds 1/world of the base. The values are
+    those DeepSpeed would partition from a full load: stored dtype -> the model dtype -> DeepSpeed's parameter
+    dtype, zeros in the padding of the last partition."""
+
+    def __init__(self, ds_config: dict, param_dtype: torch.dtype):
+        self.ds_config = ds_config
+        self.param_dtype = param_dtype
+        self.bytes_read = 0  # tensor bytes this rank read from the files
+
+    def build(self, make):
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+        from torch import nn
+
+        with torch.device("meta"):
+            model = make()
+        buffers = [n for n, _ in model.named_buffers()]
+        if buffers:  # the model has none; a buffer would need its own fill
+            raise RuntimeError(f"rank-local ZeRO-3 loading does not handle buffers: {buffers[:3]}")
+        device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0"))))
+        modules = list(model.modules())[::-1]  # every module after all of its descendants
+        largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in modules)
+        # Uninitialised on purpose: DeepSpeed broadcasts rank 0's scratch and keeps each rank's part, which
+        # `load` then overwrites from the files.
+        scratch = torch.empty(largest, dtype=self.param_dtype, device=device)
+        converted: dict[int, nn.Parameter] = {}  # a parameter shared by two modules stays one parameter
+        for module in modules:
+            offset, fresh = 0, False
+            for name, p in list(module.named_parameters(recurse=False)):
+                if id(p) not in converted:
+                    view = scratch[offset : offset + p.numel()].view(p.shape)
+                    converted[id(p)] = nn.Parameter(view, requires_grad=p.requires_grad)
+                    offset, fresh = offset + p.numel(), True
+                setattr(module, name, converted[id(p)])
+            if fresh:
+                deepspeed.zero.Init(module=module, config_dict_or_path=self.ds_config)
+        return model
+
+    def load(self, module, folder, *, weights_name: str, dtype: torch.dtype | None, component: str) -> None:
+        from mova_train.checkpoint_io import match_module_keys, read_tensor
+
+        # `build` made every parameter a ZeRO-3 one and allowed no buffers: these are all of the state dict
+        params = dict(module.named_parameters(remove_duplicate=False))
+        expected = {k: tuple(p.ds_shape) for k, p in params.items()}
+        located = match_module_keys(expected, folder, weights_name=weights_name, component=component)
+        with torch.no_grad():
+            for name, p in params.items():
+                loc, part = located[name], p.ds_tensor
+                size = int(part.ds_numel)
+                start = size * dist.get_rank(group=p.ds_process_group)
+                count = max(0, min(size, loc.numel - start))
+                values = read_tensor(loc, start, count)
+                if values.is_floating_point():  # the casts of a full load, then DeepSpeed's
+                    values = values.to(dtype or values.dtype).to(self.param_dtype)
+                part.narrow(0, 0, count).copy_(values)
+                part.narrow(0, count, size - count).zero_()
+                self.bytes_read += count * loc.torch_dtype.itemsize

@@ -33,10 +33,9 @@ from mova_train.config import (
 from mova_train.data.loader import build_loader
 from mova_train.lora import apply_lora, as_lora_config, load_init_adapter
 from mova_train.models import FlowMatchScheduler, set_activation_checkpointing
-from mova_train.models.checkpoint import load_mova
 from mova_train.run_layout import list_checkpoints, samples_file
 from mova_train.training import checkpointer as checkpoints
-from mova_train.training.backend import build_backend
+from mova_train.training.backend import build_backend, load_base
 from mova_train.training.checkpointer import Checkpointer, Counters, NonFiniteTrainingError, keep_global_batch
 from mova_train.training.distributed import (
     PeerHeartbeat,
@@ -131,7 +130,7 @@ class Trainer:
     def build_model(self) -> None:
         cfg = self.cfg
         checkpoint = resolve_path(cfg.model.checkpoint, field_name="model.checkpoint")
-        model = load_mova(checkpoint, components=self.components, dtype=DTYPES[cfg.model.dtype], device="cpu")
+        model = load_base(checkpoint, self.components, DTYPES[cfg.model.dtype], self.device, self.ds_config)
         for p in model.parameters():
             p.requires_grad_(False)
         torch.manual_seed(cfg.trainer.seed)  # the same LoRA initialisation on every rank
@@ -151,7 +150,7 @@ class Trainer:
             cfg.trainer.seed,
         )
         num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        num_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+        num_frozen = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if not p.requires_grad)
         logger.info(
             "model: %s loaded (%s, %.3fB frozen); LoRA on %s: %.2fM trainable parameters",
             ", ".join(self.components), cfg.model.dtype, num_frozen / 1e9,
