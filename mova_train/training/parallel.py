@@ -11,6 +11,7 @@ whole world, which divides by dp x sp: the result is the data-parallel mean, wit
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 
@@ -21,6 +22,9 @@ from torch import nn
 from mova_train.errors import ConfigValueError
 from mova_train.models import MovaModel, SequenceShard, set_sequence_shard
 from mova_train.models.layers import attention
+from mova_train.training.config import ParallelConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -113,11 +117,20 @@ def build_sequence_groups(layout: ParallelLayout) -> dist.ProcessGroup | None:
     return mine
 
 
-def apply_sequence_parallel(model: MovaModel, layout: ParallelLayout) -> None:
-    """Make `model`'s training forwards sequence-parallel over this rank's group (nothing when sp = 1)."""
+def apply_sequence_parallel(
+    model: MovaModel, cfg: ParallelConfig, rank: int, world_size: int
+) -> ParallelLayout:
+    """This rank's layout; `model`'s training forwards made sequence-parallel over its group (collective when
+    sp > 1: every rank creates every group)."""
+    layout = build_layout(cfg.sequence_parallel_size, rank=rank, world_size=world_size)
     group = build_sequence_groups(layout)
     if group is not None:
         try:
             set_sequence_shard(model, UlyssesShard(group))
         except ValueError as e:
             raise ConfigValueError(str(e)) from None
+        logger.info(
+            "sequence parallel: rank %d is %d/%d of its group, data-parallel rank %d/%d",
+            rank, layout.sp_rank, layout.sp_size, layout.dp_rank, layout.dp_size,
+        )  # fmt: skip
+    return layout
