@@ -20,7 +20,7 @@ from mova_train.codecs.tiny import write_tiny_codecs
 from mova_train.config import PROJECT_ROOT, required_components, to_train_config
 from mova_train.errors import ConfigValueError
 from mova_train.lora import load_adapters
-from mova_train.models import build_mova, get_model_config, set_sequence_shard
+from mova_train.models import build_mova, get_model_config, set_activation_checkpointing, set_sequence_shard
 from mova_train.models.checkpoint import save_mova
 from mova_train.models.layers import attention
 from mova_train.training.checkpoint import ResumeError
@@ -89,20 +89,24 @@ def _worker_units(rank: int, world: int, store: str, report_path: str) -> None:
     inputs = _model_inputs(cfg, torch.Generator().manual_seed(1))
     wv = torch.randn(2, 16, 3, 4, 8, generator=torch.Generator().manual_seed(2))
     results = []
-    for use_shard in (False, True):
+    for use_shard, recompute in ((False, False), (True, False), (True, True)):
         set_sequence_shard(model, shard if use_shard else None)
+        set_activation_checkpointing(model, recompute)  # the recomputed blocks repeat their collectives
         model.zero_grad()
         pv, pa = model(*inputs, expert="video_dit", video_fps=24.0)
         ((pv * wv).sum() + pa.square().sum()).backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         results.append((pv.detach(), pa.detach(), grads))
-    (pv0, pa0, g0), (pv1, pa1, g1) = results
-    dist.all_reduce(g1)  # the engines reduce over the group this way (then divide by the world size)
+    (pv0, pa0, g0), (pv1, pa1, g1), (pv2, pa2, g2) = results
+    for g in (g1, g2):
+        dist.all_reduce(g)  # the engines reduce over the group this way (then divide by the world size)
     report["model_video"] = ((pv1 - pv0).abs().max() / pv0.abs().max()).item()
     report["model_audio"] = ((pa1 - pa0).abs().max() / pa0.abs().max()).item()
     report["model_grad"] = ((g1 / world - g0).abs().max() / g0.abs().max()).item()
+    report["recompute"] = max((pv2 - pv1).abs().max().item(), (g2 - g1).abs().max().item())
     report["num_grads"] = g0.numel()
     # eval mode (renders on one rank) runs the whole sequence locally, without collectives
+    set_activation_checkpointing(model, False)
     model.eval()
     with torch.no_grad():
         report["eval_video"] = (model(*inputs, expert="video_dit")[0] - pv0).abs().max().item()
@@ -118,7 +122,7 @@ def test_ulysses_attention_and_model_step_equal_single_process(tmp_path):
         assert r["attn_out"] < 1e-6 and r["attn_grad"] < 1e-6, r
         assert r["model_video"] < 1e-5 and r["model_audio"] < 1e-5, r
         assert r["model_grad"] < 1e-5 and r["num_grads"] > 1000, r
-        assert r["eval_video"] < 1e-5, r
+        assert r["eval_video"] < 1e-5 and r["recompute"] == 0.0, r
 
 
 def test_layout_and_head_checks_name_the_numbers():

@@ -12,7 +12,6 @@ whole world, which divides by dp x sp: the result is the data-parallel mean, wit
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +72,28 @@ class _LocalAttention(nn.Module):
         return attention(q, k, v).unflatten(-1, (q.shape[2], q.shape[3]))
 
 
+class _GatherSequence(torch.autograd.Function):
+    """All-gather along dim 1 over `group`; backward: the sum over the group of the gradients of this rank's part.
+
+    Not torch.distributed.nn.functional.all_gather: on gloo its backward scatters from group ranks taken as global
+    ranks (torch 2.13), which fails on every group but the first. The sum is an all-reduce and a slice, which
+    every backend has (gloo has no reduce-scatter); it carries the [B, L, ...] gradient, not [B, L/n, ...].
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group, ctx.rank, ctx.length = group, dist.get_rank(group), x.shape[1]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad.narrow(1, ctx.rank * ctx.length, ctx.length), None
+
+
 class UlyssesShard(SequenceShard):
     """A `SequenceShard` over a process group: DeepSpeed-Ulysses self-attention (all-to-all from sequence-split
     to head-split and back) and a differentiable all-gather (backward: sum-reduce-scatter)."""
@@ -94,13 +115,7 @@ class UlyssesShard(SequenceShard):
         return self.ulysses(q, k, v, 0).flatten(2)  # [B, L/n, H*d]
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
-        from torch.distributed.nn.functional import all_gather
-
-        with warnings.catch_warnings():
-            # torch 2.13 deprecates it for the functional collectives, whose backward needs reduce_scatter, which
-            # gloo lacks; this one's backward works on every backend (an all-to-all and a sum on gloo)
-            warnings.simplefilter("ignore", FutureWarning)
-            return torch.cat(all_gather(x.contiguous(), group=self.group), dim=1)
+        return _GatherSequence.apply(x, self.group)
 
 
 def build_sequence_groups(layout: ParallelLayout) -> dist.ProcessGroup | None:
