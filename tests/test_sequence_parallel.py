@@ -17,10 +17,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mova_train.codecs.tiny import write_tiny_codecs
-from mova_train.config import PROJECT_ROOT, required_components, to_train_config
+from mova_train.config import PROJECT_ROOT, required_components, to_train_config, validate_config
 from mova_train.errors import ConfigValueError
 from mova_train.lora import load_adapters
-from mova_train.models import build_mova, get_model_config, set_activation_checkpointing, set_sequence_shard
+from mova_train.models import (
+    SequenceShard,
+    build_mova,
+    get_model_config,
+    set_activation_checkpointing,
+    set_sequence_shard,
+)
 from mova_train.models.checkpoint import save_mova
 from mova_train.models.layers import attention
 from mova_train.training.checkpoint import ResumeError
@@ -131,17 +137,26 @@ def test_layout_and_head_checks_name_the_numbers():
     layout = build_layout(2, rank=3, world_size=4)
     assert (layout.dp_size, layout.dp_rank, layout.sp_rank) == (2, 1, 1)
     model = build_mova("tiny", device="meta")  # 3 video heads
-
-    class Two(UlyssesShard):
-        def __init__(self):  # no process group: only the head check runs
-            self.rank, self.size = 0, 2
-
     with pytest.raises(ValueError, match=r"sequence_parallel_size=2 does not divide .* num_heads=3"):
-        set_sequence_shard(model, Two())
+        set_sequence_shard(model, SequenceShard(0, 2))  # the interface alone: only the head check runs
     layout = apply_sequence_parallel(model, ParallelConfig(), 0, 1)  # sp = 1: nothing, no group
     assert model.sequence_shard is None and layout == ParallelLayout(rank=0, world_size=1, sp_size=1)
-    with pytest.raises(ValueError, match=r"48 tokens do not split evenly over the 5 ranks"):
-        Two.__mro__[1].span(type("S", (), {"rank": 0, "size": 5})(), 48, "video tokens")
+    assert SequenceShard(3, 5).span(40, "video tokens") == slice(24, 32)
+    with pytest.raises(ValueError, match=r"video tokens: 48 tokens do not split evenly over the 5 ranks"):
+        SequenceShard(0, 5).span(48, "video tokens")
+
+
+def test_validation_checks_the_launchers_world_size(sp_checkpoint, sp_shards, tmp_path, monkeypatch):
+    overrides = tiny_overrides(sp_checkpoint, sp_shards, tmp_path / "run", "parallel=sp2")
+    cfg = to_train_config(compose_train(overrides))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert validate_config(cfg).parallel.sequence_parallel_size == 2
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigValueError, match=r"sequence_parallel_size=2 does not divide the world size 3"):
+        validate_config(cfg)
+    assert not (tmp_path / "run").exists()  # before any run dir
+    with pytest.raises(ConfigValueError, match=r"parallel.sequence_parallel_size=0 is not allowed"):
+        ParallelConfig(sequence_parallel_size=0).validate()
 
 
 # ---- training: the real train.py under accelerate launch (DeepSpeed ZeRO-2, gloo), tiny checkpoint with 4 heads
