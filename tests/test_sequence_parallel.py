@@ -34,7 +34,15 @@ from mova_train.training.checkpointer import Checkpointer
 from mova_train.training.config import ParallelConfig
 from mova_train.training.parallel import ParallelLayout, UlyssesShard, apply_sequence_parallel, build_layout
 from mova_train.training.synthetic import write_random_shards_for
-from tests.train_utils import compose_train, launch, launch_cmd, read_metrics, tiny_overrides
+from mova_train.training.trainer import run
+from tests.train_utils import (
+    compose_train,
+    launch,
+    launch_cmd,
+    read_metrics,
+    reset_accelerate,
+    tiny_overrides,
+)
 
 SP_HEADS = (
     4  # the tiny video tower has 3 heads (width 96); width 128 gives 4, which splits over 2 and 4 ranks
@@ -198,8 +206,16 @@ def sp_adapters(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def one_process_run(sp_checkpoint, sp_shards, tmp_path_factory):
+    """The reference: one process, in this one (no launcher to start), without DeepSpeed (the same AdamW)."""
     run_dir = tmp_path_factory.mktemp("sp_ref") / "run"
-    sp_launch(1, sp_checkpoint, sp_shards, run_dir)
+    reset_accelerate()
+    overrides = tiny_overrides(
+        sp_checkpoint, sp_shards, run_dir, f"trainer.max_steps={NUM_STEPS}", "trainer.save_every=2"
+    )
+    try:
+        run(compose_train([*overrides, "trainer.keep_last=0"]))
+    finally:
+        reset_accelerate()
     return run_dir
 
 
