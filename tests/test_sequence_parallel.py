@@ -233,6 +233,7 @@ def test_two_process_sequence_parallel_trains_like_one_process(one_process_run, 
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in reference], rel=1e-5)
     assert [r["grad_norm"] for r in rows] == pytest.approx([r["grad_norm"] for r in reference], rel=1e-5)
     assert [r["samples_seen"] for r in rows] == [r["samples_seen"] for r in reference]
+    assert [r["timesteps"] for r in rows] == [r["timesteps"] for r in reference]  # one list per dp rank
     state = json.loads((sp2_run / "checkpoints" / f"step-{NUM_STEPS:08d}" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["fingerprint"]["sequence_parallel_size"] == 2
     assert state["fingerprint"]["global_batch"] == 1  # one data-parallel rank
@@ -299,6 +300,7 @@ def test_four_process_dp2_sp2_trains_like_two_process_dp2_and_resumes_exactly(
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in reference], rel=1e-5)
     assert [r["grad_norm"] for r in rows] == pytest.approx([r["grad_norm"] for r in reference], rel=1e-5)
     assert [r["samples_seen"] for r in rows] == [r["samples_seen"] for r in reference] == [2, 4, 6, 8]
+    assert [r["timesteps"] for r in rows] == [r["timesteps"] for r in reference]
     logs = {r: (run_dir / "logs" / f"rank{r}.log").read_text() for r in range(4)}
     assert "rank 2 is 0/2 of its group, data-parallel rank 1/2" in logs[2]
     final, want = sp_adapters(run_dir, NUM_STEPS), sp_adapters(dp2_run, NUM_STEPS)

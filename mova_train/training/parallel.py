@@ -46,13 +46,6 @@ class ParallelLayout:
     def sp_rank(self) -> int:
         return self.rank % self.sp_size
 
-    def to_json(self) -> dict:
-        return {
-            "world_size": self.world_size,
-            "sequence_parallel_size": self.sp_size,
-            "dp_size": self.dp_size,
-        }
-
 
 def build_layout(sequence_parallel_size: int, *, rank: int, world_size: int) -> ParallelLayout:
     """The layout of this rank; the world size must be a multiple of `parallel.sequence_parallel_size`."""
@@ -102,9 +95,8 @@ class UlyssesShard(SequenceShard):
         import deepspeed.comm
         from deepspeed.sequence.layer import DistributedAttention
 
-        if (
-            not deepspeed.comm.is_initialized()
-        ):  # the plain (DDP) backend: DeepSpeed's comm wraps torch's group
+        # Under the plain (DDP) backend DeepSpeed's comm is not set up yet: it then wraps torch's process group.
+        if not deepspeed.comm.is_initialized():
             deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
         super().__init__(dist.get_rank(group), dist.get_world_size(group))
         self.group = group

@@ -298,7 +298,7 @@ class Trainer:
             "loss_audio": sums[2] / n_micro,
             "expert": experts[0] if len(set(experts)) == 1 else "+".join(experts),
             "experts": experts,
-            "timesteps": all_timesteps,
+            "timesteps": all_timesteps[:: self.layout.sp_size],  # per data-parallel rank
             "lr": lr,
             "grad_norm": result.grad_norm,
             "samples_per_s": sums[3] / elapsed,
@@ -314,7 +314,7 @@ class Trainer:
         if cfg.objective.independent_audio_timestep:
             row["timesteps_audio"] = all_gather_floats(
                 timesteps_audio, self.device, gas * cfg.data.batch_size
-            )
+            )[:: self.layout.sp_size]
         if not result.applied:
             logger.warning("step %d skipped on every rank: non-finite loss or gradient (%d in a row)",
                            c.step, c.consecutive_skips)  # fmt: skip
