@@ -80,7 +80,8 @@ def test_validation_checks_the_launchers_world_size(sp_checkpoint, sp_shards, tm
         ParallelConfig(sequence_parallel_size=0).validate()
 
 
-# ---- training: the real train.py under accelerate launch (DeepSpeed ZeRO-2, gloo), tiny checkpoint with 4 heads
+# ---- training: the real train.py under accelerate launch (DeepSpeed ZeRO-2 or ZeRO-3 over gloo) against the same
+# runs without sequence parallel, on a tiny checkpoint whose video tower has 4 heads
 
 NUM_STEPS = 4
 
@@ -97,7 +98,7 @@ def sp_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def sp_shards(sp_checkpoint, tmp_path_factory):
-    # two clips in two shards; 5 frames at 32x32 -> 2 x 2 x 2 = 8 video tokens, 10 audio latent steps
+    # two clips in two shards; 5 frames at 32x32 -> 2 latent frames x 2 x 2 patches = 8 video tokens
     return write_random_shards_for(
         sp_checkpoint, tmp_path_factory.mktemp("sp_shards"), num_clips=2, num_shards=2
     )
@@ -106,8 +107,7 @@ def sp_shards(sp_checkpoint, tmp_path_factory):
 def sp_launch(num_processes: int, checkpoint: Path, shards: Path, run_dir: Path, *extra: str, zero: int = 2):
     cmd = launch_cmd(
         checkpoint, shards, run_dir, f"deepspeed=zero{zero}", f"trainer.max_steps={NUM_STEPS}",
-        "trainer.save_every=2",
-        "tracking.mode=disabled", *extra,
+        "trainer.save_every=2", "tracking.mode=disabled", *extra,
     )  # fmt: skip
     cmd[cmd.index("--num_processes") + 1] = str(num_processes)
     return launch(cmd)
@@ -205,9 +205,8 @@ def test_four_process_dp2_sp2_trains_like_two_process_dp2_and_resumes_exactly(
     dp2_run, sp_checkpoint, sp_shards, tmp_path
 ):
     run_dir = tmp_path / "dp2sp2"
-    sp_launch(
-        4, sp_checkpoint, sp_shards, run_dir, "parallel=sp2", zero=3
-    )  # ZeRO-3 here, ZeRO-2 in the others
+    # ZeRO-3 here, ZeRO-2 in the reference and the 2-process test
+    sp_launch(4, sp_checkpoint, sp_shards, run_dir, "parallel=sp2", zero=3)
     rows, reference = read_metrics(run_dir), read_metrics(dp2_run)
     assert [r["step"] for r in rows] == list(range(1, NUM_STEPS + 1)) and not any(r["skipped"] for r in rows)
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in reference], rel=1e-5)
@@ -220,15 +219,8 @@ def test_four_process_dp2_sp2_trains_like_two_process_dp2_and_resumes_exactly(
     assert final.keys() == want.keys()
     assert all(torch.allclose(final[k], want[k], rtol=1e-3, atol=2e-5) for k in want)
     resumed = tmp_path / "resumed"
-    sp_launch(
-        4,
-        sp_checkpoint,
-        sp_shards,
-        resumed,
-        "parallel=sp2",
-        f"trainer.resume={run_dir}/checkpoints/step-00000002",
-        zero=3,
-    )
+    saved = f"{run_dir}/checkpoints/step-00000002"
+    sp_launch(4, sp_checkpoint, sp_shards, resumed, "parallel=sp2", f"trainer.resume={saved}", zero=3)
     assert [r["loss"] for r in read_metrics(resumed)] == [r["loss"] for r in rows[2:]]
     again = sp_adapters(resumed, NUM_STEPS)
     assert all(torch.equal(again[k], final[k]) for k in final)
