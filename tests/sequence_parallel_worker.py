@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mova_train.models import build_mova, get_model_config, set_activation_checkpointing, set_sequence_shard
+from mova_train.models import build_mova, get_model_config, set_activation_checkpointing
 from mova_train.models.layers import attention
+from mova_train.models.mova import set_sequence_shard
 from mova_train.training.parallel import UlyssesShard
 
 # The tiny video tower has 3 heads (width 96); width 128 gives 4, which splits over 2 and 4 ranks.

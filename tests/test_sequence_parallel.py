@@ -18,12 +18,10 @@ from mova_train.codecs.tiny import write_tiny_codecs
 from mova_train.config import PROJECT_ROOT, required_components, to_train_config, validate_config
 from mova_train.errors import ConfigValueError
 from mova_train.lora import load_adapters
-from mova_train.models import (
-    SequenceShard,
-    build_mova,
-    set_sequence_shard,
-)
+from mova_train.models import build_mova
 from mova_train.models.checkpoint import save_mova
+from mova_train.models.mova import set_sequence_shard
+from mova_train.models.sequence import SequenceShard
 from mova_train.training.checkpoint import ResumeError
 from mova_train.training.checkpointer import Checkpointer
 from mova_train.training.config import ParallelConfig

@@ -13,15 +13,8 @@ from .config import (
     get_model_config,
 )
 from .layers import set_attention_backend
-from .mova import (
-    MovaModel,
-    build_i2v_condition,
-    build_mova,
-    set_activation_checkpointing,
-    set_sequence_shard,
-)
+from .mova import MovaModel, build_i2v_condition, build_mova, set_activation_checkpointing
 from .scheduler import FlowMatchScheduler, expert_for_timestep
-from .sequence import SequenceShard
 
 __all__ = [
     "COMPONENTS",
@@ -34,7 +27,6 @@ __all__ = [
     "MovaConfig",
     "MovaModel",
     "SchedulerConfig",
-    "SequenceShard",
     "VideoDiTConfig",
     "build_i2v_condition",
     "build_mova",
@@ -45,5 +37,4 @@ __all__ = [
     "save_mova",
     "set_activation_checkpointing",
     "set_attention_backend",
-    "set_sequence_shard",
 ]

@@ -19,8 +19,9 @@ import torch.distributed as dist
 from torch import nn
 
 from mova_train.errors import ConfigValueError
-from mova_train.models import MovaModel, SequenceShard, set_sequence_shard
 from mova_train.models.layers import attention
+from mova_train.models.mova import MovaModel, set_sequence_shard
+from mova_train.models.sequence import SequenceShard
 from mova_train.training.config import ParallelConfig
 
 logger = logging.getLogger(__name__)
