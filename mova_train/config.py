@@ -25,6 +25,7 @@ from mova_train.training.config import (
     ModelConfig,
     ObjectiveConfig,
     OptimConfig,
+    ParallelConfig,
     TrackingConfig,
     TrainerConfig,
     check_deepspeed_json,
@@ -47,6 +48,7 @@ class TrainConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -134,9 +136,9 @@ def required_components(cfg: TrainConfig) -> tuple[str, ...]:
 def validate_config(cfg: TrainConfig) -> TrainConfig:
     """Check every field a user sets; raise ConfigValueError (a ValueError) naming the field. Returns cfg.
 
-    First each group's own validation (model, objective, lora, data, optim, deepspeed, tracking, trainer, eval),
-    then what needs several groups or the file system. Touches only the file system (checkpoint folder, shard
-    spec, eval images, DeepSpeed JSON, resume path), never a process group.
+    First each group's own validation (model, objective, lora, data, optim, deepspeed, parallel, tracking, trainer,
+    eval), then what needs several groups or the file system. Touches only the file system (checkpoint folder,
+    shard spec, eval images, DeepSpeed JSON, resume path) and the launcher's WORLD_SIZE, never a process group.
     """
     if not isinstance(cfg.name, str) or not cfg.name.strip() or "/" in cfg.name:
         fail("name", cfg.name, "expected a non-empty experiment name without '/'")
@@ -148,6 +150,7 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
     cfg.data.validated(check_shards=True)  # names data.* fields; the shards must exist before any run dir
     cfg.optim.validate()
     cfg.deepspeed.validate()
+    cfg.parallel.validate()
     cfg.tracking.validate()
     cfg.trainer.validate()
     cfg.eval.validate()
@@ -209,6 +212,14 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
         check_deepspeed_json(ds, where=f"deepspeed.config: {path}")
     if cfg.trainer.resume not in ("auto", "never"):
         resolve_path(cfg.trainer.resume, field_name="trainer.resume")
+
+    # the launcher's world size (accelerate launch / torchrun set it) must split into sequence-parallel groups
+    sp, world = cfg.parallel.sequence_parallel_size, os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) % sp:
+        raise ConfigValueError(
+            f"parallel.sequence_parallel_size={sp} does not divide the world size {world}: "
+            f"launch a multiple of {sp} processes"
+        )
     return cfg
 
 

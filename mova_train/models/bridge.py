@@ -11,20 +11,32 @@ from torch import nn
 from .config import BridgeConfig
 from .dit import QKNormAttention
 from .layers import apply_rope_rotate_half, attention, bridge_rope
+from .sequence import SequenceShard
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 
 
 class ConditionalCrossAttention(QKNormAttention):
-    """`inner`: q from the primary stream, k/v from the (normed) condition stream, projected to the primary width."""
+    """`inner`: q from the primary stream, k/v from the (normed) condition stream, projected to the primary width.
+
+    With `y_shard`, y is this rank's part of a sequence-parallel condition stream (and `rope_y` its rows): k and v
+    are projected and rotated locally, then gathered, so every query sees the whole condition sequence.
+    """
 
     def forward(
-        self, x: torch.Tensor, y: torch.Tensor, rope_x: Rope | None, rope_y: Rope | None
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        rope_x: Rope | None,
+        rope_y: Rope | None,
+        y_shard: SequenceShard | None = None,
     ) -> torch.Tensor:
         q, k, v = self.project(x, y)
         if rope_x is not None:
             q = apply_rope_rotate_half(q, rope_x)
             k = apply_rope_rotate_half(k, rope_y)
+        if y_shard is not None:
+            k, v = y_shard.gather(k), y_shard.gather(v)  # [B, Ly, H, d] from [B, Ly/n, H, d]
         return self.o(attention(q, k, v))
 
 
@@ -41,10 +53,15 @@ class BridgeConditioner(nn.Module):
         self.activation_checkpointing = False
 
     def forward(
-        self, x: torch.Tensor, y: torch.Tensor, rope_x: Rope | None, rope_y: Rope | None
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        rope_x: Rope | None,
+        rope_y: Rope | None,
+        y_shard: SequenceShard | None = None,
     ) -> torch.Tensor:
-        """x [B, Lx, D] primary, y [B, Ly, Dkv] condition -> [B, Lx, D]."""
-        return self.inner(x, self.y_norm(y.to(x.dtype)), rope_x, rope_y)
+        """x [B, Lx, D] primary, y [B, Ly, Dkv] condition (this rank's part with `y_shard`) -> [B, Lx, D]."""
+        return self.inner(x, self.y_norm(y.to(x.dtype)), rope_x, rope_y, y_shard)
 
 
 class DualTowerBridge(nn.Module):

@@ -22,6 +22,7 @@ from .layers import (
     sinusoidal_embedding,
     video_rope,
 )
+from .sequence import SequenceShard
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 
@@ -49,11 +50,16 @@ class QKNormAttention(nn.Module):
 
 
 class SelfAttention(QKNormAttention):
-    """Bidirectional self-attention with the tower's interleaved RoPE on q and k (after their RMSNorm)."""
+    """Bidirectional self-attention with the tower's interleaved RoPE on q and k (after their RMSNorm).
 
-    def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    With a `shard`, x holds this rank's tokens and `rope` their rows of the table (global positions); the
+    attention itself spans the whole sequence through the shard (Ulysses: all-to-all over heads).
+    """
+
+    def forward(self, x: torch.Tensor, rope: Rope, shard: SequenceShard | None = None) -> torch.Tensor:
         q, k, v = self.project(x, x)
-        return self.o(attention(apply_rope_interleaved(q, rope), apply_rope_interleaved(k, rope), v))
+        q, k = apply_rope_interleaved(q, rope), apply_rope_interleaved(k, rope)
+        return self.o(attention(q, k, v) if shard is None else shard.attention(q, k, v))
 
 
 class CrossAttention(QKNormAttention):
@@ -85,13 +91,22 @@ class DiTBlock(nn.Module):
         self.activation_checkpointing = False
 
     def forward(
-        self, x: torch.Tensor, context: torch.Tensor, t_mod: torch.Tensor, rope: Rope
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        t_mod: torch.Tensor,
+        rope: Rope,
+        shard: SequenceShard | None = None,
     ) -> torch.Tensor:
-        """x [B, L, D], context [B, N, D], t_mod [B, 6, D] (per-sample modulation) -> [B, L, D]."""
+        """x [B, L, D], context [B, N, D], t_mod [B, 6, D] (per-sample modulation) -> [B, L, D].
+
+        With a `shard`, x is this rank's part of the sequence: only self-attention needs the other parts (the
+        text cross-attention and the per-token layers work on any subset of the queries).
+        """
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (self.modulation + t_mod).chunk(
             6, dim=1
         )
-        x = x + gate_msa * self.self_attn(self.norm1(x) * (1 + scale_msa) + shift_msa, rope)
+        x = x + gate_msa * self.self_attn(self.norm1(x) * (1 + scale_msa) + shift_msa, rope, shard)
         x = x + self.cross_attn(self.norm3(x), context)
         return x + gate_mlp * self.ffn(self.norm2(x) * (1 + scale_mlp) + shift_mlp)
 

@@ -15,6 +15,7 @@ from .config import MovaConfig, get_model_config
 from .dit import DiTBlock, Head, WanAudioDiT, WanVideoDiT, run_block
 from .layers import RMSNorm, init_linear_
 from .scheduler import expert_for_timestep
+from .sequence import SequenceShard
 
 
 def build_i2v_condition(first_frame: torch.Tensor) -> torch.Tensor:
@@ -61,6 +62,7 @@ class MovaModel(nn.Module):
     def __init__(self, config: MovaConfig, components=COMPONENTS):
         super().__init__()
         self.config = config
+        self.sequence_shard: SequenceShard | None = None  # set_sequence_shard; used by training forwards only
         for name in COMPONENTS:
             setattr(self, name, None)
         for name in check_components(components):
@@ -136,6 +138,11 @@ class MovaModel(nn.Module):
         `expert` names the video expert to run (`model.expert_for_timestep(t)` picks it); timesteps are per
         sample in [0, 1000]; timestep_audio defaults to timestep_video. `a2v_scale` / `v2a_scale` scale the
         bridge updates (1.0 as released; 0 turns a direction off).
+
+        With a `sequence_shard` set and the model in training mode, every rank of the shard's group gets the same
+        inputs and returns the same outputs, but runs the video tower on its own slice of the video tokens (RoPE
+        and bridge positions are the slice's rows of the global tables); the audio tower, a few hundred tokens,
+        runs whole on every rank. In eval mode (renders, held-out loss on one rank) the full sequence runs here.
         """
         if expert not in EXPERTS:
             raise ValueError(f"expert must be one of {', '.join(EXPERTS)}, got {expert!r}")
@@ -158,23 +165,47 @@ class MovaModel(nn.Module):
         rope_v = video_dit.rope(grid_v, device)
         rope_a = audio_dit.rope(grid_a, device)
         bridge_v, bridge_a = bridge.rope(grid_v, grid_a[0], device, video_fps)
+        shard = self.sequence_shard if self.training else None
+        if shard is not None:
+            part = shard.span(v.shape[1], f"video tokens of grid {list(grid_v)}")
+            v = v[:, part]  # [B, Lv/n, Dv]: this rank's tokens
+            rope_v = (rope_v[0][part], rope_v[1][part])
+            if bridge_v is not None:
+                bridge_v = (bridge_v[0][part], bridge_v[1][part])
 
         num_v, num_a = len(video_dit.blocks), len(audio_dit.blocks)
         for i in range(max(num_v, num_a)):
             if i < min(num_v, num_a) and bridge.interacts(i):
                 # Simultaneous update: both directions read the pre-update states.
                 dv = run_block(bridge.audio_to_video_conditioners[str(i)], v, a, bridge_v, bridge_a)
-                da = run_block(bridge.video_to_audio_conditioners[str(i)], a, v, bridge_a, bridge_v)
+                da = run_block(bridge.video_to_audio_conditioners[str(i)], a, v, bridge_a, bridge_v, shard)
                 v = v + a2v_scale * dv
                 a = a + v2a_scale * da.to(a.dtype)
             if i < num_v:
-                v = run_block(video_dit.blocks[i], v, ctx_v, t_mod_v, rope_v)
+                v = run_block(video_dit.blocks[i], v, ctx_v, t_mod_v, rope_v, shard)
             if i < num_a:
                 a = run_block(audio_dit.blocks[i], a, ctx_a, t_mod_a, rope_a)
 
-        pred_video = video_dit.unpatchify(video_dit.head(v, temb_v), grid_v)
+        out_v = video_dit.head(v, temb_v)  # [B, Lv (or Lv/n), pt*ph*pw*C]
+        if shard is not None:
+            out_v = shard.gather(out_v)
+        pred_video = video_dit.unpatchify(out_v, grid_v)
         pred_audio = audio_dit.unpatchify(audio_dit.head(a, temb_a), grid_a)
         return pred_video, pred_audio
+
+
+def set_sequence_shard(model: MovaModel, shard: SequenceShard | None) -> None:
+    """Run the training forwards of `model` sequence-parallel over `shard`'s group (None: single device again).
+
+    The video self-attention splits its heads over the group (Ulysses), so the video tower's head count must be a
+    multiple of the group size; the audio tower is replicated and the bridge only gathers, so theirs need not be.
+    """
+    if shard is not None and model.config.video_dit.num_heads % shard.size:
+        raise ValueError(
+            f"parallel.sequence_parallel_size={shard.size} does not divide the video tower's "
+            f"num_heads={model.config.video_dit.num_heads} (Ulysses splits the heads over the group)"
+        )
+    model.sequence_shard = shard
 
 
 def set_activation_checkpointing(model: nn.Module, enabled: bool = True, components=None) -> int:

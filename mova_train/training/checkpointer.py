@@ -131,8 +131,8 @@ def keep_global_batch(cfg: TrainConfig, world_size: int) -> TrainConfig:
         state = ckpt_io.read_trainer_state(ckpt) if ckpt is not None else None
     except (ckpt_io.ResumeError, CheckpointError):
         return cfg  # reported with the verified lookup, once the processes run
-    if state is None or state.get("world_size") == world_size:
-        return cfg
+    if state is None or state.get("world_size") == world_size or cfg.parallel.sequence_parallel_size > 1:
+        return cfg  # (sequence parallel: find_resume refuses another number of ranks)
     saved_global = state.get("fingerprint", {}).get("global_batch")
     if saved_global is None:
         return cfg  # a checkpoint of an older version: its fingerprint names the differing fields
@@ -239,6 +239,7 @@ class Checkpointer:
         self.base_identity, self.codec_identity, shards, init_sha = broadcast_object(
             (ident, codecs, shards, init)
         )
+        sp = cfg.parallel.sequence_parallel_size
         self.fingerprint_now = flatten(
             {
                 # Not the ZeRO stage, the world size or the loader workers: the saved state is consolidated and
@@ -246,7 +247,7 @@ class Checkpointer:
                 # batch must stay (keep_global_batch adjusts the gradient accumulation to it).
                 "global_batch": cfg.data.batch_size
                 * cfg.trainer.gradient_accumulation_steps
-                * self.world_size,
+                * (self.world_size // sp),  # data-parallel ranks: a sequence group shares its samples
                 "mixed_precision": mixed_precision,
                 "model_dtype": cfg.model.dtype,
                 "components": list(components),
@@ -256,6 +257,8 @@ class Checkpointer:
                 "data_shards": shards,
                 "batch_size": cfg.data.batch_size,
                 "seed": cfg.trainer.seed,
+                # only when used, so fingerprints of data-parallel runs stay as they were
+                **({"sequence_parallel_size": sp} if sp > 1 else {}),
             }
         )
         return self.fingerprint_now
@@ -278,6 +281,13 @@ class Checkpointer:
         self.saved = TrainerState.read(self.resume_from)
         ckpt_io.check_fingerprint(self.saved.fingerprint, self.fingerprint_now, where=str(self.resume_from))
         logger.info("resuming from %s (step %d)", self.resume_from, self.saved.step)
+        if self.saved.world_size != self.world_size and self.fingerprint_now.get("sequence_parallel_size"):
+            raise ckpt_io.ResumeError(
+                f"cannot resume from {self.resume_from}: it was saved by {self.saved.world_size} rank(s), this run "
+                f"has {self.world_size}; with parallel.sequence_parallel_size="
+                f"{self.fingerprint_now['sequence_parallel_size']} the saved data positions and RNG streams are per "
+                "sequence group, so resume with the same number of ranks"
+            )
         if self.saved.world_size != self.world_size:
             logger.warning(
                 "elastic resume: saved by %d rank(s), continued by %d with trainer.gradient_accumulation_steps=%d, "

@@ -1,4 +1,5 @@
-"""The training-side Hydra groups (`model`, `objective`, `optim`, `deepspeed`, `tracking`, `trainer`, `eval`): one
+"""The training-side Hydra groups (`model`, `objective`, `optim`, `deepspeed`, `parallel`, `tracking`, `trainer`,
+`eval`): one
 dataclass per group, each with `validate()` checking its own fields (ConfigValueError naming the field and the
 allowed values), and the one check of a DeepSpeed JSON (`check_deepspeed_json`).
 
@@ -288,6 +289,18 @@ def check_image_file(path: Path, where: str) -> None:
 
 
 @dataclass
+class ParallelConfig:
+    """Hydra group `parallel`: how the ranks split the work beyond data parallel (world = dp x sp)."""
+
+    # DeepSpeed-Ulysses: each sample's video tokens split over this many consecutive ranks (1: data parallel only)
+    sequence_parallel_size: int = 1
+
+    def validate(self) -> None:
+        """Its own field; the world size and the video tower's head count are checked once they are known."""
+        check_int("parallel.sequence_parallel_size", self.sequence_parallel_size, 1)
+
+
+@dataclass
 class TrainerConfig:
     """The loop: length, checkpoints, resume, precision, guards."""
 
@@ -350,6 +363,7 @@ __all__ = [
     "ModelConfig",
     "ObjectiveConfig",
     "OptimConfig",
+    "ParallelConfig",
     "TrackingConfig",
     "TrainerConfig",
     "check_deepspeed_json",

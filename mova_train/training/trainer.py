@@ -48,6 +48,7 @@ from mova_train.training.distributed import (
 from mova_train.training.evaluator import Evaluator
 from mova_train.training.objective import FlowMatchingObjective, batch_video_fps, tokens_per_sample
 from mova_train.training.optim import build_optimizer, set_step_hyperparams
+from mova_train.training.parallel import apply_sequence_parallel
 from mova_train.training.signals import StopFlag
 from mova_train.training.tracking import (
     MetricsWriter,
@@ -140,6 +141,7 @@ class Trainer:
             load_init_adapter(model, init, cfg.lora, expected_base_identity=self.checkpointer.base_identity)
         if cfg.model.activation_checkpointing:
             set_activation_checkpointing(model, enabled=True)
+        self.layout = apply_sequence_parallel(model, cfg.parallel, self.rank, self.world_size)
         model.train()
         self.model = model
         self.model_config = model.config
@@ -164,14 +166,14 @@ class Trainer:
             self.accelerator, self.model, self.optimizer, ds_config=self.ds_config,
             mixed_precision=self.mixed_precision, max_grad_norm=cfg.optim.max_grad_norm,
         )  # fmt: skip
-        self.generator = torch.Generator().manual_seed(cfg.trainer.seed * 1_000_003 + self.rank)
+        self.generator = torch.Generator().manual_seed(cfg.trainer.seed * 1_000_003 + self.layout.dp_rank)
         if cfg.trainer.verify_frozen_base:
             self.checkpointer.record_base(self.backend)
 
     def build_data(self) -> None:
         cfg, identity = self.cfg, self.checkpointer.codec_identity
         self.loader = build_loader(
-            cfg.data, rank=self.rank, world_size=self.world_size, seed=cfg.trainer.seed,
+            cfg.data, rank=self.layout.dp_rank, world_size=self.layout.dp_size, seed=cfg.trainer.seed,
             text_len=self.model_config.text_len, expected_codec_identity=identity,
         )  # fmt: skip
         self.batches = iter(self.loader)
@@ -183,7 +185,7 @@ class Trainer:
     def restore(self) -> None:
         if self.checkpointer.resume_from is None:
             # Per-rank streams (LoRA dropout, ...) start from the seed; the objective has its own generator.
-            seed = self.cfg.trainer.seed * 1_000_003 + self.rank
+            seed = self.cfg.trainer.seed * 1_000_003 + self.layout.dp_rank  # a sequence group draws alike
             torch.manual_seed(seed)
             random.seed(seed)
             np.random.seed(seed % 2**32)
@@ -284,11 +286,11 @@ class Trainer:
             [float(self.stop.signal is not None), float(nonfinite)], "max", self.device
         )
         result = self.backend.step(force_skip=any_nonfinite > 0)
-        sums = all_reduce(list(local.values()), "sum", self.device)
+        sums = [x / self.layout.sp_size for x in all_reduce(list(local.values()), "sum", self.device)]
         elapsed = time.perf_counter() - start
         all_timesteps = all_gather_floats(timesteps, self.device, gas * cfg.data.batch_size)
         c.advance(applied=result.applied, samples=int(sums[3]))
-        n_micro = gas * self.world_size
+        n_micro = gas * self.layout.dp_size  # a sequence group's ranks hold the same samples and loss
         row = {
             "step": c.step,
             "loss": sums[0] / n_micro,
@@ -296,7 +298,7 @@ class Trainer:
             "loss_audio": sums[2] / n_micro,
             "expert": experts[0] if len(set(experts)) == 1 else "+".join(experts),
             "experts": experts,
-            "timesteps": all_timesteps,
+            "timesteps": all_timesteps[:: self.layout.sp_size],  # per data-parallel rank
             "lr": lr,
             "grad_norm": result.grad_norm,
             "samples_per_s": sums[3] / elapsed,
@@ -312,13 +314,10 @@ class Trainer:
         if cfg.objective.independent_audio_timestep:
             row["timesteps_audio"] = all_gather_floats(
                 timesteps_audio, self.device, gas * cfg.data.batch_size
-            )
+            )[:: self.layout.sp_size]
         if not result.applied:
-            logger.warning(
-                "step %d skipped on every rank: non-finite loss or gradient (%d in a row)",
-                c.step,
-                c.consecutive_skips,
-            )
+            logger.warning("step %d skipped on every rank: non-finite loss or gradient (%d in a row)",
+                           c.step, c.consecutive_skips)  # fmt: skip
         return row
 
     def check_skips(self) -> None:
