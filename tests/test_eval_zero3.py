@@ -190,10 +190,12 @@ def test_zero3_renders_and_heldout_losses_equal_a_single_process_with_the_same_a
         (record,) = render_eval(pipeline, None, [PROMPT], tmp_path / "single", step=step, seed=0, **SIZES)
         zero3 = run_dir / "eval" / f"step-{step:06d}" / Path(record["mp4"]).name
         renders[step] = _frames(zero3)
-        # equal up to float rounding: the ranks hold their weights loaded another way (rank-local reads) than the
-        # single process, and a last-bit difference may move a decoded pixel by a level or two
+        # equal up to float rounding: the ranks compute with weights gathered from partitions read rank-locally, the
+        # single process with merged whole weights; last-bit differences can flip an H.264 block decision, so a few
+        # pixels move (measured: mean 0.05 levels, 0.5% of pixels by more than 4), while the adapters move the
+        # render by a mean of ~3.5 levels (28% of pixels by more than 4)
         diff = np.abs(renders[step].astype(int) - _frames(record["mp4"]).astype(int))
-        assert diff.max() <= 3 and (diff > 0).mean() < 0.01, (step, diff.max(), (diff > 0).mean())
+        assert diff.mean() < 0.5 and (diff > 4).mean() < 0.02, (step, diff.mean(), (diff > 4).mean())
         # AAC is lossy: last-bit differences before encoding may move a quantisation step (~1e-3 of the signal);
         # the adapters of step 2 move the sound by ~1.5e-2 of it
         audio, single_audio = read_audio(zero3)[0], read_audio(record["mp4"])[0]
@@ -201,7 +203,7 @@ def test_zero3_renders_and_heldout_losses_equal_a_single_process_with_the_same_a
         sounds[step] = audio
     first, last = (rows[s]["heldout_loss"] for s in EVAL_STEPS)
     assert abs(first - last) > 1e-4 * first
-    assert np.abs(renders[0].astype(int) - renders[2].astype(int)).max() > 8
+    assert np.abs(renders[0].astype(int) - renders[2].astype(int)).mean() > 1.0
     assert _rms(sounds[0] - sounds[2]) > 6e-3 * _rms(sounds[0])
 
 
