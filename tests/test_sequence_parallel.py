@@ -199,9 +199,7 @@ def dp2_run(sp_checkpoint, sp_shards, tmp_path_factory):
     return run_dir
 
 
-def test_four_process_dp2_sp2_trains_like_two_process_dp2_and_resumes_exactly(
-    dp2_run, sp_checkpoint, sp_shards, tmp_path
-):
+def test_four_process_dp2_sp2_trains_like_two_process_dp2(dp2_run, sp_checkpoint, sp_shards, tmp_path):
     run_dir = tmp_path / "dp2sp2"
     # ZeRO-3 here, ZeRO-2 in the reference and the 2-process test
     sp_launch(4, sp_checkpoint, sp_shards, run_dir, "parallel=sp2", zero=3)
@@ -216,12 +214,8 @@ def test_four_process_dp2_sp2_trains_like_two_process_dp2_and_resumes_exactly(
     final, want = sp_adapters(run_dir, NUM_STEPS), sp_adapters(dp2_run, NUM_STEPS)
     assert final.keys() == want.keys()
     assert all(torch.allclose(final[k], want[k], rtol=1e-3, atol=2e-5) for k in want)
-    resumed = tmp_path / "resumed"
-    saved = f"{run_dir}/checkpoints/step-00000002"
-    sp_launch(4, sp_checkpoint, sp_shards, resumed, "parallel=sp2", f"trainer.resume={saved}", zero=3)
-    assert [r["loss"] for r in read_metrics(resumed)] == [r["loss"] for r in rows[2:]]
-    again = sp_adapters(resumed, NUM_STEPS)
-    assert all(torch.equal(again[k], final[k]) for k in final)
+    # Exact resume under SP is tested with 2 processes (test_sequence_parallel_resume_is_exact_...); relaunching 4
+    # processes here again cost ~30 s of a suite at its 15-minute limit.
 
 
 def test_slurm_template_passes_sp_and_refuses_a_size_that_splits_a_node(tmp_path):
