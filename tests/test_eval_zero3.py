@@ -14,7 +14,6 @@ import json
 import math
 import os
 import signal
-import struct
 import subprocess
 from pathlib import Path
 
@@ -39,7 +38,14 @@ from mova_train.training.distributed import broadcast_object
 from mova_train.training.evaluator import any_rank
 from mova_train.training.signals import StopFlag
 from mova_train.training.synthetic import write_random_shards_for
-from tests.train_utils import PROJECT_ROOT, launch_cmd, launch_env, read_metrics, subprocess_timeout
+from tests.train_utils import (
+    PROJECT_ROOT,
+    launch_cmd,
+    launch_env,
+    read_metrics,
+    subprocess_timeout,
+    wandb_offline_records,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -85,32 +91,13 @@ def _eval_rows(run_dir: Path) -> list[dict]:
 
 
 def _wandb_history(run_dir: Path) -> list[dict]:
-    """The history rows of the run's one W&B offline file (LevelDB log format: 32 KiB blocks of crc/length/type
-    chunks), each as {key: value}."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
+    """The history rows of the run's one W&B offline file, each as {key: value}."""
     (path,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
-    data, pos, block, raws, pending = path.read_bytes(), 7, 32768, [], b""
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
-        if kind in (1, 4):
-            raws.append(pending + chunk)
-            pending = b""
-        elif kind in (2, 3):
-            pending += chunk
-    rows = []
-    for raw in raws:
-        record = pb.Record()
-        record.ParseFromString(raw)
-        if record.WhichOneof("record_type") == "history":
-            rows.append(
-                {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
-            )
-    return rows
+    return [
+        {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+        for record in wandb_offline_records(path)
+        if record.WhichOneof("record_type") == "history"
+    ]
 
 
 def test_both_ranks_evaluate_and_rank_0_writes_and_logs_each_render_once(runs):

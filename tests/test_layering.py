@@ -38,6 +38,7 @@ RULES = {
     "mova_train.errors": ("mova_train",),
     "mova_train.run_layout": ("mova_train",),
     "mova_train.progress": ("mova_train",),
+    "mova_train.lazy": ("mova_train",),
     # the trainer reaches DeepSpeed only through its backend
     "mova_train.training.trainer": ("deepspeed",),
 }

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import signal
-import struct
 import sys
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from tests.train_utils import (
     lock_sha256,
     read_metrics,
     subprocess_timeout,
+    wandb_offline_records,
 )
 
 pytestmark = pytest.mark.distributed
@@ -223,34 +223,10 @@ def test_ddp_without_deepspeed_trains_the_same_replicated_model(ddp_run, zero2_r
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in reference], rel=1e-6)
 
 
-def _wandb_records(path: Path) -> list:
-    """Records of a W&B offline run file (LevelDB log format: 32 KiB blocks of crc/length/type chunks)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data, pos, block, records, pending = path.read_bytes(), 7, 32768, [], b""
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
-        if kind in (1, 4):
-            records.append(pending + chunk)
-            pending = b""
-        elif kind in (2, 3):
-            pending += chunk
-    out = []
-    for raw in records:
-        record = pb.Record()
-        record.ParseFromString(raw)
-        out.append(record)
-    return out
-
-
 def test_wandb_offline_run_has_the_history(zero2_run):
     files = list((zero2_run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1
-    history = [r.history for r in _wandb_records(files[0]) if r.WhichOneof("record_type") == "history"]
+    history = [r.history for r in wandb_offline_records(files[0]) if r.WhichOneof("record_type") == "history"]
     assert len(history) == NUM_STEPS
     rows = read_metrics(zero2_run)
     for h, row in zip(history, rows):

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
 import time
@@ -114,3 +115,28 @@ def launch_until_steps(
             break
         time.sleep(0.02)
     return proc, int(re.search(r"rank 1/2 pid (\d+)", log1.read_text()).group(1))
+
+
+def wandb_offline_records(path: Path) -> list:
+    """The records of a W&B offline run file (`run-*.wandb`; LevelDB log format: 32 KiB blocks of
+    crc/length/type chunks), parsed as wandb's own protobuf `Record`s."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, block, raws, pending = Path(path).read_bytes(), 7, 32768, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):
+            raws.append(pending + chunk)
+            pending = b""
+        elif kind in (2, 3):
+            pending += chunk
+    records = []
+    for raw in raws:
+        record = pb.Record()
+        record.ParseFromString(raw)
+        records.append(record)
+    return records

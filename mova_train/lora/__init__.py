@@ -6,8 +6,7 @@ without PEFT and torch: `train.py --help` composes the config without importing 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mova_train.lazy import lazy_exports
 
 _HOMES = {
     "base_identity": "mova_train.identity",
@@ -59,18 +58,7 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module = importlib.import_module(home if home.startswith("mova_train") else __name__ + home)
-    value = getattr(module, name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_HOMES))
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES, globals())
 
 
 __all__ = [

@@ -6,8 +6,7 @@ The names below are imported on first use (PEP 562), so `mova_train.models.confi
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mova_train.lazy import lazy_exports
 
 from ..names import COMPONENTS, EXPERTS
 
@@ -33,17 +32,7 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(__name__ + home), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_HOMES))
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES, globals())
 
 
 __all__ = [
