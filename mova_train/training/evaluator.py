@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mova_train import codecs as codec_loading  # lazy: the codecs (diffusers) load on the first render only
 from mova_train import run_layout as layout
-from mova_train.codecs import load_codecs
 from mova_train.config import TrainConfig, resolve_path
 from mova_train.data.config import DataConfig
 from mova_train.data.loader import build_loader
@@ -148,7 +148,7 @@ class Evaluator:
         if self.codecs is None and self.is_main:
             checkpoint = resolve_path(self.cfg.model.checkpoint, field_name="model.checkpoint")
             logger.info("eval: loading the codecs of %s (text encoder, video and audio VAEs)", checkpoint)
-            self.codecs = load_codecs(checkpoint, device=self.device)
+            self.codecs = codec_loading.load_codecs(checkpoint, device=self.device)
         records = render_eval(
             self.model, self.codecs, self.prompt_items(), self.out_dir, step=step, seed=ev.seed,
             negative_prompt=ev.negative_prompt, cfg_scale=ev.cfg_scale,
