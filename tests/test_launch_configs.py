@@ -40,7 +40,9 @@ def test_accelerate_config_agrees_with_its_hydra_configs(path, monkeypatch, tmp_
     cfg = to_train_config(compose_train([*overrides, f"trainer.run_dir={tmp_path}"]))
     assert acc.num_processes >= 1 and acc.num_processes % acc.num_machines == 0
     sp = cfg.parallel.sequence_parallel_size
-    assert acc.num_processes % sp == 0, f"{path.name}: {acc.num_processes} processes do not split into groups of {sp}"
+    assert acc.num_processes % sp == 0, (
+        f"{path.name}: {acc.num_processes} processes do not split into groups of {sp}"
+    )
     if acc.num_machines > 1 and sp > 1:  # a group's all-to-alls stay inside a node
         assert (acc.num_processes // acc.num_machines) % sp == 0, f"{path.name}: a sequence group spans nodes"
     on_gpu = not str(acc.mixed_precision).endswith("no")
