@@ -3,8 +3,9 @@ for the region's recompute in backward, the previous region's inputs prefetched 
 
 A checkpoint region (non-reentrant `torch.utils.checkpoint`) saves its tensor inputs for backward outside its own
 saved-tensor hooks, so hooks pushed around the `checkpoint` call see exactly those inputs and nothing the region
-computes (the region's hooks, innermost, take its internal saves). On CUDA the copies go to pinned memory
-(asynchronous both ways); on a CPU the same path runs with plain host copies, so tests exercise it.
+computes (the region's hooks, innermost, take its internal saves). On CUDA the copies go to pinned memory,
+asynchronously both ways on a side stream; on a CPU the same path runs with plain host copies, so the tests (which
+have no GPU) exercise all but the streams.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ class _HostCopy:
 class OffloadedForward:
     """The offloaded region inputs of one forward, by region in forward order.
 
-    Backward recomputes the regions in reverse order; when region i's inputs are fetched back, region i-1's start
-    their host-to-device copy on a side stream, so they are on the device when its recompute begins (at most one
-    region's inputs are prefetched at a time).
+    Forward copies each region's inputs out on a side stream while the compute stream goes on. Backward recomputes
+    the regions in reverse order; when region i's inputs are fetched back, region i-1's start their host-to-device
+    copy on the side stream, so they are on the device when its recompute begins (at most one region's inputs are
+    prefetched at a time).
     """
 
     def __init__(self, stats: dict | None = None) -> None:
@@ -55,11 +57,17 @@ class OffloadedForward:
             # empty_like keeps a dense tensor's strides (e.g. a transposed patch embedding), so the recompute
             # sees the layout the forward saw and gives the same bits
             host = torch.empty_like(t, device="cpu", pin_memory=cuda)
-            host.copy_(t, non_blocking=cuda)
             copied = None
-            if cuda:
-                copied = torch.cuda.Event()
-                copied.record(torch.cuda.current_stream(t.device))
+            if cuda:  # copied out on the side stream, so the forward's kernels go on meanwhile
+                stream = self._stream(t.device)
+                stream.wait_stream(torch.cuda.current_stream(t.device))
+                with torch.cuda.stream(stream):
+                    host.copy_(t, non_blocking=True)
+                    copied = torch.cuda.Event()
+                    copied.record(stream)
+                t.record_stream(stream)  # its memory is not reused before the copy is done
+            else:
+                host.copy_(t)
             copy = _HostCopy(host, t.device, index, copied)
             copies.append(copy)
             if self.stats is not None:
@@ -70,6 +78,12 @@ class OffloadedForward:
 
         with torch.autograd.graph.saved_tensors_hooks(pack, self._unpack):
             yield
+
+    def _stream(self, device: torch.device):
+        """The side stream of the copies (one per forward: out in forward, back in backward)."""
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(device=device)
+        return self._side_stream
 
     def _unpack(self, copy):
         if not isinstance(copy, _HostCopy):
@@ -82,9 +96,7 @@ class OffloadedForward:
         for copy in copies:
             if copy.device.type != "cuda" or copy.prefetched is not None:
                 continue
-            if self._side_stream is None:
-                self._side_stream = torch.cuda.Stream(device=copy.device)
-            stream = self._side_stream
+            stream = self._stream(copy.device)
             with torch.cuda.stream(stream):
                 stream.wait_event(copy.copied)
                 copy.prefetched = copy.host.to(copy.device, non_blocking=True)
