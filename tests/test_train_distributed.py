@@ -93,6 +93,8 @@ def zero3_run(tiny_checkpoint, shards, tmp_path_factory):
     launch(launch_cmd(
         tiny_checkpoint, shards, run_dir, "deepspeed=zero3", f"trainer.save_every={NUM_STEPS}",
         "tracking.mode=disabled", "trainer.verify_frozen_base=true",
+        # layer regions recompute with the parameters gathered again, their inputs offloaded (issue 11)
+        "model.activation_checkpointing=true", "model.activation_offload=true",
     ))  # fmt: skip
     return run_dir
 

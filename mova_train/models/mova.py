@@ -6,7 +6,10 @@ audio latents [B, Ca, L_a], text [B, N, Dt]; tokens [B, L, D].
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ..names import AUDIO_DIT, BRIDGE, COMPONENTS, EXPERTS, I2V_MASK_CHANNELS
@@ -14,6 +17,7 @@ from .bridge import BridgeConditioner, DualTowerBridge
 from .config import MovaConfig, get_model_config
 from .dit import DiTBlock, Head, WanAudioDiT, WanVideoDiT, run_block
 from .layers import RMSNorm, init_linear_
+from .offload import OffloadedForward
 from .scheduler import expert_for_timestep
 from .sequence import SequenceShard
 
@@ -63,6 +67,10 @@ class MovaModel(nn.Module):
         super().__init__()
         self.config = config
         self.sequence_shard: SequenceShard | None = None  # set_sequence_shard; used by training forwards only
+        # set_activation_checkpointing: "layer" or "block" regions, and whether layer regions' inputs go to host
+        self.checkpoint_region = "layer"
+        self.activation_offload = False
+        self.offload_stats: dict | None = None  # a dict here counts the offloaded tensors (tests, benchmarks)
         for name in COMPONENTS:
             setattr(self, name, None)
         for name in check_components(components):
@@ -174,17 +182,39 @@ class MovaModel(nn.Module):
                 bridge_v = (bridge_v[0][part], bridge_v[1][part])
 
         num_v, num_a = len(video_dit.blocks), len(audio_dit.blocks)
-        for i in range(max(num_v, num_a)):
+        a2v, v2a = bridge.audio_to_video_conditioners, bridge.video_to_audio_conditioners
+
+        def layer(i: int, v, a, call):
+            """Dual-tower layer i: the bridge exchange, then each tower's block i (v or a None: not touched)."""
             if i < min(num_v, num_a) and bridge.interacts(i):
                 # Simultaneous update: both directions read the pre-update states.
-                dv = run_block(bridge.audio_to_video_conditioners[str(i)], v, a, bridge_v, bridge_a)
-                da = run_block(bridge.video_to_audio_conditioners[str(i)], a, v, bridge_a, bridge_v, shard)
+                dv = call(a2v[str(i)], v, a, bridge_v, bridge_a)
+                da = call(v2a[str(i)], a, v, bridge_a, bridge_v, shard)
                 v = v + a2v_scale * dv
                 a = a + v2a_scale * da.to(a.dtype)
             if i < num_v:
-                v = run_block(video_dit.blocks[i], v, ctx_v, t_mod_v, rope_v, shard)
+                v = call(video_dit.blocks[i], v, ctx_v, t_mod_v, rope_v, shard)
             if i < num_a:
-                a = run_block(audio_dit.blocks[i], a, ctx_a, t_mod_a, rope_a)
+                a = call(audio_dit.blocks[i], a, ctx_a, t_mod_a, rope_a)
+            return v, a
+
+        regions = self.checkpoint_region == "layer" and torch.is_grad_enabled()
+        offload = OffloadedForward(self.offload_stats) if regions and self.activation_offload else None
+        for i in range(max(num_v, num_a)):
+            bridged = i < min(num_v, num_a) and bridge.interacts(i)
+            modules = [video_dit.blocks[i]] if i < num_v else []
+            modules += [audio_dit.blocks[i]] if i < num_a else []
+            modules += [a2v[str(i)], v2a[str(i)]] if bridged else []
+            if regions and all(m.activation_checkpointing for m in modules):
+                # One region for the whole layer: backward keeps only the streams entering it.
+                uses_v, uses_a = bridged or i < num_v, bridged or i < num_a
+                with offload.region() if offload is not None else contextlib.nullcontext():
+                    out_v, out_a = torch.utils.checkpoint.checkpoint(
+                        layer, i, v if uses_v else None, a if uses_a else None, _call, use_reentrant=False
+                    )
+                v, a = out_v if uses_v else v, out_a if uses_a else a
+            else:
+                v, a = layer(i, v, a, run_block)  # each flagged module is its own region (or none is)
 
         out_v = video_dit.head(v, temb_v)  # [B, Lv (or Lv/n), pt*ph*pw*C]
         if shard is not None:
@@ -208,12 +238,37 @@ def set_sequence_shard(model: MovaModel, shard: SequenceShard | None) -> None:
     model.sequence_shard = shard
 
 
-def set_activation_checkpointing(model: nn.Module, enabled: bool = True, components=None) -> int:
+def _call(module: nn.Module, *args):
+    return module(*args)
+
+
+CHECKPOINT_REGIONS = ("layer", "block")
+
+
+def set_activation_checkpointing(
+    model: nn.Module, enabled: bool = True, components=None, *, region: str = "layer", offload: bool = False
+) -> int:
     """Flag every tower block and bridge conditioner (of the given components) for activation checkpointing.
 
-    The flag is read by the block loops, so no hooks or wrappers are installed and PEFT/ZeRO wrapping of the
+    `region="layer"`: MovaModel's step checkpoints each dual-tower layer i (the bridge exchange of layer i, video
+    block i, audio block i) as one region when all of that layer's modules are flagged, so backward keeps only
+    the two streams entering each layer. `region="block"`, and layers flagged only in part (a `components`
+    selection), checkpoint each flagged module alone; a tower run alone always does. `offload=True` keeps the
+    layer regions' inputs in host memory (pinned on CUDA) until backward (`offload.py`).
+
+    The flags are read by the block loops, so no hooks or wrappers are installed and PEFT/ZeRO wrapping of the
     components keeps working. Returns the number of flagged modules.
     """
+    if region not in CHECKPOINT_REGIONS:
+        raise ValueError(f"region must be one of {', '.join(CHECKPOINT_REGIONS)}, got {region!r}")
+    if offload and not (enabled and region == "layer"):
+        raise ValueError(
+            "activation offload keeps the inputs of layer regions: it needs enabled and region='layer'"
+        )
+    for m in model.modules():
+        if isinstance(m, MovaModel):
+            m.checkpoint_region = region
+            m.activation_offload = bool(offload)
     roots: list[nn.Module] = [model]
     if components is not None:
         roots = [

@@ -37,7 +37,10 @@ class ModelConfig:
     checkpoint: str = "???"  # MOVA checkpoint folder (model_index.json, video_dit/, ...)
     dtype: str = "bfloat16"  # dtype of the frozen base weights: float32 | bfloat16
     components: list[str] | None = None  # components to load; None = what the objective needs
-    activation_checkpointing: bool = False  # recompute tower blocks and bridge layers in backward
+    activation_checkpointing: bool = (
+        False  # recompute each dual-tower layer (bridge + both blocks) in backward
+    )
+    activation_offload: bool = False  # keep those layers' saved inputs in pinned host memory until backward
 
     def validate(self) -> None:
         """Its own fields; whether the folder is a checkpoint and the components cover the objective are
@@ -49,6 +52,14 @@ class ModelConfig:
         check_choice("model.dtype", self.dtype, DTYPES)
         if not isinstance(self.activation_checkpointing, bool):
             fail("model.activation_checkpointing", self.activation_checkpointing, "expected true or false")
+        if not isinstance(self.activation_offload, bool):
+            fail("model.activation_offload", self.activation_offload, "expected true or false")
+        if self.activation_offload and not self.activation_checkpointing:
+            fail(
+                "model.activation_offload",
+                True,
+                "it offloads the checkpoint regions' inputs: set model.activation_checkpointing=true with it",
+            )
         if self.components is not None:
             for c in self.components:
                 check_choice("model.components", c, COMPONENTS)

@@ -140,7 +140,7 @@ class Trainer:
             init = resolve_path(cfg.lora.init_from, field_name="lora.init_from")
             load_init_adapter(model, init, cfg.lora, expected_base_identity=self.checkpointer.base_identity)
         if cfg.model.activation_checkpointing:
-            set_activation_checkpointing(model, enabled=True)
+            set_activation_checkpointing(model, enabled=True, offload=cfg.model.activation_offload)
         self.layout = apply_sequence_parallel(model, cfg.parallel, self.rank, self.world_size)
         model.train()
         self.model = model
