@@ -118,6 +118,9 @@ class ExpertResidency:
         and `expert`'s weights are copied in (asynchronously with CUDA; the modules' hooks wait for them)."""
         if expert == self.active or expert not in self.owners:
             return
+        if self.side is not None:  # copies whose module never ran: done before their memory is released
+            torch.cuda.current_stream(self.device).wait_stream(self.side)
+            self.pending.clear()
         if self.active is not None:
             # The device copies are freed once the queued kernels that read them ran; the host copies stay.
             for p in self.frozen(self.active):
