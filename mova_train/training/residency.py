@@ -71,15 +71,17 @@ class ExpertResidency:
         self.device = torch.device(device)
         self.streams = self.device.type == "cuda" and torch.cuda.is_available()
         self.side = torch.cuda.Stream(self.device) if self.streams else None
-        # expert -> [(module, [its own frozen parameters])], in module order (the order a forward uses them)
+        # expert -> [(module, [its own frozen parameters])] in the order a forward uses them, which is the order
+        # of the copies: the embeddings (small), the blocks in turn, then the head
         self.owners: dict[str, list[tuple[nn.Module, list[nn.Parameter]]]] = {}
         for name in experts:
             owners = []
-            for module in getattr(model, name).modules():
+            for path, module in getattr(model, name).named_modules():
                 own = [p for p in module.parameters(recurse=False) if not p.requires_grad]
                 if own:
-                    owners.append((module, own))
-            self.owners[name] = owners
+                    rank = 1 if path.startswith("blocks.") else 2 if path.startswith("head") else 0
+                    owners.append((rank, len(owners), module, own))
+            self.owners[name] = [(module, own) for _, _, module, own in sorted(owners, key=lambda x: x[:2])]
         self.host: dict[int, torch.Tensor] = {}  # id(parameter) -> its host copy
         self.pending: dict[int, object] = {}  # id(module) -> the event its weights' copy records (CUDA)
         self.active: str | None = None
