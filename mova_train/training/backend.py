@@ -26,6 +26,7 @@ from torch import nn
 
 from mova_train.lora import extract_lora_state, load_adapters, load_lora_state_dict
 from mova_train.models.checkpoint import load_mova
+from mova_train.names import EXPERTS
 from mova_train.run_layout import adapter_dir
 from mova_train.training import checkpoint as ckpt_io
 from mova_train.training.config import ObjectiveConfig
@@ -59,8 +60,17 @@ def load_base(
     holds the whole model anyway, so it is read tensor by tensor straight to `device`, or to the host when the
     plain backend keeps the idle expert there (`objective.idle_expert=host`: never both experts on the device)."""
     zero_stage = int(ds_config["zero_optimization"]["stage"]) if ds_config else 0
-    if zero_stage == 0 and objective is not None and keeps_idle_expert_on_host(objective):
-        device = torch.device("cpu")  # ExpertResidency.place() moves the rest to the device
+    on_host = objective is not None and keeps_idle_expert_on_host(objective, zero_stage=zero_stage)
+    if on_host and zero_stage == 0 and torch.device(device).type != "cpu":
+        # The experts to the host (ExpertResidency copies the active one in), the rest straight to the device.
+        experts = tuple(c for c in components if c in EXPERTS)
+        model = load_mova(checkpoint, components=experts, dtype=dtype, device="cpu")
+        rest = tuple(c for c in components if c not in EXPERTS)
+        if rest:
+            others = load_mova(checkpoint, components=rest, dtype=dtype, device=device)
+            for name in rest:
+                setattr(model, name, getattr(others, name))
+        return model
     if zero_stage == 3:
         why_not = zero3_rank_local_unsupported(ds_config)
         if why_not is None:
