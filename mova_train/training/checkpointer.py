@@ -313,9 +313,8 @@ class Checkpointer:
         assert self.saved is not None
         chooser = self.expert_chooser()
         now = chooser.state_at(self.saved.step)
-        saved = self.saved.expert_schedule or {
-            "expert_switch_every": 1
-        }  # an older checkpoint: per micro-step
+        # A checkpoint older than the setting switched every micro-step.
+        saved = self.saved.expert_schedule or {"expert_switch_every": 1}
         keys = ["expert", "expert_switch_every", "high_noise_ratio"]
         if chooser.switch_every > 1:  # with 1 the phase is the micro-step, which an elastic resume re-counts
             keys += ["phase", "phase_expert"]
