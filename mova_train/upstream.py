@@ -148,6 +148,22 @@ def clear_zero3_stale_grads(engine) -> None:
         buffer.zero_()
 
 
+def forget_zero3_module_trace(engine) -> None:
+    """DeepSpeed 0.19.8, ZeRO stage 3: call before a forward that runs the other video expert than the last one.
+
+    ZeRO-3 records the order in which modules ran and, once the trace is complete, prefetches the parameters of the
+    modules that come next in it. The first module of our forward (the model itself) is the same for both experts,
+    so after an expert switch the trace still matches there and the prefetch gathers the idle expert's first
+    modules (up to stage3_prefetch_bucket_size elements) before the next module invalidates it. Invalidating the
+    trace first makes that forward fetch only what it runs; the new expert's trace is recorded on the next one."""
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    if offload is None:
+        return
+    coordinator = offload.get_param_coordinator()
+    if coordinator.is_complete_trace():
+        coordinator._invalidate_trace()
+
+
 # --- transformers 5.23 (in 4.x the calls below differ as noted) ----------------------------------------------
 
 

@@ -4,6 +4,12 @@ is gathered, and how the backend's own part of a checkpoint is saved and loaded.
 `PlainBackend` is accelerate alone (one process or DDP); `DeepSpeedBackend` is a DeepSpeed ZeRO engine. The
 trainer and the checkpointer only call the `Backend` interface and never ask which one they hold; `build_backend`
 is the one place that chooses. New execution modes (expert offload, sequence-parallel groups) plug in here.
+
+Placement: accelerate.prepare (and deepspeed.initialize for ZeRO-1/2) move the whole model to the device. With the
+idle expert on the host (`objective.idle_expert=host`, mova_train.training.residency), the plain backend loads the
+base to the host, lets `ExpertResidency.place()` put everything but the experts' frozen weights on the device and
+prepares the model without device placement; DeepSpeed ZeRO-2 moves everything at initialize (its broadcast needs
+it), so there the idle expert goes back to the host right after: a setup peak with both, never during training.
 """
 
 from __future__ import annotations
@@ -20,15 +26,22 @@ from torch import nn
 
 from mova_train.lora import extract_lora_state, load_adapters, load_lora_state_dict
 from mova_train.models.checkpoint import load_mova
+from mova_train.names import EXPERTS
 from mova_train.run_layout import adapter_dir
 from mova_train.training import checkpoint as ckpt_io
+from mova_train.training.config import ObjectiveConfig
 from mova_train.training.distributed import (
     Zero3RankLocalLoader,
     all_reduce,
     zero3_param_dtype,
     zero3_rank_local_unsupported,
 )
-from mova_train.upstream import clear_zero3_stale_grads, relink_zero_optimizer_states
+from mova_train.training.residency import ExpertResidency, build_residency, keeps_idle_expert_on_host
+from mova_train.upstream import (
+    clear_zero3_stale_grads,
+    forget_zero3_module_trace,
+    relink_zero_optimizer_states,
+)
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")  # torch AdamW's per-parameter state besides `step`
 logger = logging.getLogger(__name__)
@@ -40,11 +53,24 @@ def load_base(
     dtype: torch.dtype,
     device: torch.device,
     ds_config: dict | None,
+    objective: ObjectiveConfig | None = None,
 ) -> nn.Module:
     """The frozen base as the chosen backend wants it, without any rank holding all of it in host memory: under
     ZeRO-3 built partitioned and each rank's part read alone (`Zero3RankLocalLoader`); otherwise every rank
-    holds the whole model anyway, so it is read tensor by tensor straight to `device`."""
+    holds the whole model anyway, so it is read tensor by tensor straight to `device`, or to the host when the
+    plain backend keeps the idle expert there (`objective.idle_expert=host`: never both experts on the device)."""
     zero_stage = int(ds_config["zero_optimization"]["stage"]) if ds_config else 0
+    on_host = objective is not None and keeps_idle_expert_on_host(objective, zero_stage=zero_stage)
+    if on_host and zero_stage == 0 and torch.device(device).type != "cpu":
+        # The experts to the host (ExpertResidency copies the active one in), the rest straight to the device.
+        experts = tuple(c for c in components if c in EXPERTS)
+        model = load_mova(checkpoint, components=experts, dtype=dtype, device="cpu")
+        rest = tuple(c for c in components if c not in EXPERTS)
+        if rest:
+            others = load_mova(checkpoint, components=rest, dtype=dtype, device=device)
+            for name in rest:
+                setattr(model, name, getattr(others, name))
+        return model
     if zero_stage == 3:
         why_not = zero3_rank_local_unsupported(ds_config)
         if why_not is None:
@@ -81,12 +107,23 @@ class Backend:
 
     zero_stage = 0
 
-    def __init__(self, accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float):
+    def __init__(
+        self,
+        accelerator,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        max_grad_norm: float,
+        residency: ExpertResidency | None = None,
+    ):
         self.accelerator = accelerator
         self.module = model  # the raw model (PEFT-injected); `self.model` is what accelerate.prepare returned
         self.optimizer = optimizer  # the raw GroupMaskedAdamW
         self.max_grad_norm = float(max_grad_norm)
-        self.model, self.prepared_optimizer = accelerator.prepare(model, optimizer)
+        self.residency = residency  # placed already: accelerate must not move the idle expert to the device
+        placement = None if residency is None else [False, None]
+        self.model, self.prepared_optimizer = accelerator.prepare(
+            model, optimizer, device_placement=placement
+        )
 
     @property
     def input_dtype(self) -> torch.dtype:
@@ -146,8 +183,8 @@ class Backend:
 class PlainBackend(Backend):
     """accelerate without DeepSpeed: one process or DDP; accumulation with no_sync, clipping, finiteness check."""
 
-    def __init__(self, accelerator, model, optimizer, max_grad_norm: float):
-        super().__init__(accelerator, model, optimizer, max_grad_norm)
+    def __init__(self, accelerator, model, optimizer, max_grad_norm: float, residency=None):
+        super().__init__(accelerator, model, optimizer, max_grad_norm, residency)
         world_size = accelerator.num_processes
         if world_size > 1 and not isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
             raise RuntimeError(
@@ -201,6 +238,16 @@ class DeepSpeedBackend(Backend):
         self.engine = self.model
         self.zero_stage = int(self.engine.zero_optimization_stage())
         self.bf16 = bf16
+        self.last_expert: str | None = None
+
+    def forward(self, *args, **kwargs):
+        expert = kwargs.get("expert")
+        if self.zero_stage == 3 and self.last_expert is not None and expert != self.last_expert:
+            forget_zero3_module_trace(
+                self.engine
+            )  # else its prefetch would gather the idle expert's first blocks
+        self.last_expert = expert
+        return self.model(*args, **kwargs)
 
     @property
     def input_dtype(self) -> torch.dtype:
@@ -328,8 +375,17 @@ def build_backend(
     ds_config: dict | None,
     mixed_precision: str,
     max_grad_norm: float,
+    objective: ObjectiveConfig | None = None,
 ) -> Backend:
-    """The one place that picks the backend: DeepSpeed when a DeepSpeed config was resolved, else plain."""
+    """The one place that picks the backend: DeepSpeed when a DeepSpeed config was resolved, else plain; with the
+    expert residency `objective.idle_expert` asks for (see the module's docstring for where it places the model)."""
+    device = accelerator.device
     if ds_config is not None:
-        return DeepSpeedBackend(accelerator, model, optimizer, max_grad_norm, bf16=mixed_precision == "bf16")
-    return PlainBackend(accelerator, model, optimizer, max_grad_norm)
+        backend = DeepSpeedBackend(
+            accelerator, model, optimizer, max_grad_norm, bf16=mixed_precision == "bf16"
+        )
+        if objective is not None:
+            backend.residency = build_residency(model, device, objective, zero_stage=backend.zero_stage)
+        return backend
+    residency = build_residency(model, device, objective, zero_stage=0) if objective is not None else None
+    return PlainBackend(accelerator, model, optimizer, max_grad_norm, residency)

@@ -4,7 +4,8 @@ checkpoint may be resumed, and the frozen-base check; the backend writes and rea
 
 What one checkpoint holds: the adapters (consolidated, written by rank 0), the backend's part (optimizer state;
 the DeepSpeed engine's files under DeepSpeed), each rank's RNG streams and data position, and `TrainerState`
-(counters, fingerprint, base identity, LoRA config, layout) written last, which marks the checkpoint complete.
+(counters, fingerprint, base identity, LoRA config, layout, the expert schedule and its phase) written last, which
+marks the checkpoint complete.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from mova_train.lora import (
 from mova_train.training import checkpoint as ckpt_io
 from mova_train.training.backend import Backend
 from mova_train.training.distributed import all_reduce, barrier, broadcast_object
+from mova_train.training.objective import ExpertChooser
 from mova_train.training.run_lock import RunDirLockedError, RunLock
 
 logger = logging.getLogger("mova_train.training")
@@ -95,6 +97,9 @@ class TrainerState:
     world_size: int
     zero_stage: int
     targets: dict[str, list[str]] = field(default_factory=dict)
+    # ExpertChooser.state_at(step): the settings that choose the expert and the phase at `step`; None in
+    # checkpoints written before objective.expert_switch_every existed (they all switched every micro-step)
+    expert_schedule: dict[str, Any] | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -103,7 +108,8 @@ class TrainerState:
     def read(cls, ckpt: Path) -> TrainerState:
         raw = ckpt_io.read_trainer_state(ckpt)  # checks the version
         try:
-            fields = {k: raw[k] for k in cls.__dataclass_fields__}
+            fields = {k: raw[k] for k in cls.__dataclass_fields__ if k != "expert_schedule"}
+            fields["expert_schedule"] = raw.get("expert_schedule")
             fields["counters"] = Counters(**raw["counters"])
         except (KeyError, TypeError) as e:
             raise ckpt_io.ResumeError(f"{ckpt / layout.STATE_FILE}: missing or malformed field {e}") from None
@@ -280,6 +286,7 @@ class Checkpointer:
             return None
         self.saved = TrainerState.read(self.resume_from)
         ckpt_io.check_fingerprint(self.saved.fingerprint, self.fingerprint_now, where=str(self.resume_from))
+        self.check_expert_schedule()
         logger.info("resuming from %s (step %d)", self.resume_from, self.saved.step)
         if self.saved.world_size != self.world_size and self.fingerprint_now.get("sequence_parallel_size"):
             raise ckpt_io.ResumeError(
@@ -295,6 +302,34 @@ class Checkpointer:
                 self.cfg.trainer.gradient_accumulation_steps, self.fingerprint_now["global_batch"],
             )  # fmt: skip
         return self.saved
+
+    def expert_chooser(self) -> ExpertChooser:
+        t = self.cfg.trainer
+        return ExpertChooser(self.cfg.objective, t.seed, t.gradient_accumulation_steps)
+
+    def check_expert_schedule(self) -> None:
+        """Refuse a resume whose expert schedule differs from the checkpoint's: the phase it was in would not
+        continue (a different expert, or a phase of another length, from the resumed step on)."""
+        assert self.saved is not None
+        chooser = self.expert_chooser()
+        now = chooser.state_at(self.saved.step)
+        # A checkpoint older than the setting switched every micro-step.
+        saved = self.saved.expert_schedule or {"expert_switch_every": 1}
+        keys = ["expert", "expert_switch_every", "high_noise_ratio"]
+        if chooser.switch_every > 1:  # with 1 the phase is the micro-step, which an elastic resume re-counts
+            keys += ["phase", "phase_expert"]
+        named = {"phase": "phase", "phase_expert": "expert of the phase"}
+        diffs = [
+            f"{named.get(k, 'objective.' + k)}: checkpoint has {saved.get(k)!r}, this run has {now.get(k)!r}"
+            for k in keys
+            if (k in saved or self.saved.expert_schedule is not None) and saved.get(k) != now.get(k)
+        ]
+        if diffs:
+            raise ckpt_io.ResumeError(
+                f"cannot resume from {self.resume_from}: its expert schedule differs ({'; '.join(diffs)}), so the "
+                "phase at its step would not continue; resume with the checkpoint's objective settings, or start "
+                "anew with trainer.resume=never"
+            )
 
     def find_intact(self, resume: str) -> str | None:
         """(Main process.) The checkpoint `resume` names, verified against its commit.json. With `auto`, a damaged
@@ -420,7 +455,7 @@ class Checkpointer:
             trainer_state = TrainerState(
                 step=step, counters=counters, fingerprint=self.fingerprint_now, base_identity=self.base_identity,
                 lora=config_to_dict(self.cfg)["lora"], world_size=self.world_size, zero_stage=backend.zero_stage,
-                targets=targets,
+                targets=targets, expert_schedule=self.expert_chooser().state_at(step),
             )  # fmt: skip
             try:
                 ckpt_io.write_trainer_state(tmp, trainer_state.to_json())

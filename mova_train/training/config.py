@@ -21,6 +21,7 @@ from mova_train.names import COMPONENTS, EXPERTS
 DTYPES = ("float32", "bfloat16")
 EXPERT_MODES = ("alternate", "ratio", *(f"only:{e}" for e in EXPERTS))
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+IDLE_EXPERT_PLACES = ("host", "device")
 # fp16 is not offered: MOVA is a bf16 model and fp16 would need loss scaling.
 MIXED_PRECISIONS = ("auto", "no", "bf16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -73,6 +74,12 @@ class ObjectiveConfig:
     # high_noise_ratio; only:<expert>: that expert every step.
     expert: str = "alternate"
     high_noise_ratio: float = 0.5
+    # Phase length in optimizer steps: 1 keeps the reference's per-micro-step choice; N > 1 trains one expert for
+    # N optimizer steps (alternate: then the other; ratio: one draw per block of N steps), amortising swaps.
+    expert_switch_every: int = 1
+    # Where the idle video expert's frozen weights wait: host (pinned) memory, copied in when it becomes active,
+    # or the device (both experts resident, no swaps). See mova_train.training.residency.
+    idle_expert: str = "host"
     # Timesteps are entries of the 1000-entry shifted table inside the expert's range; uniform over those
     # entries (the reference), or logit-normal over the position within the range.
     timestep_sampling: str = "uniform"
@@ -87,6 +94,10 @@ class ObjectiveConfig:
     def validate(self) -> None:
         check_choice("objective.expert", self.expert, EXPERT_MODES)
         check_float("objective.high_noise_ratio", self.high_noise_ratio, 0.0, 1.0)
+        check_int(
+            "objective.expert_switch_every", self.expert_switch_every, 1, "expected optimizer steps >= 1"
+        )
+        check_choice("objective.idle_expert", self.idle_expert, IDLE_EXPERT_PLACES)
         check_choice("objective.timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLINGS)
         check_float("objective.logit_normal_mean", self.logit_normal_mean, -math.inf)
         check_float("objective.logit_normal_std", self.logit_normal_std, 0.0, open_low=True)
@@ -362,6 +373,7 @@ class TrainerConfig:
 __all__ = [
     "DTYPES",
     "EXPERT_MODES",
+    "IDLE_EXPERT_PLACES",
     "LR_SCHEDULES",
     "MIXED_PRECISIONS",
     "OPTIMIZERS",

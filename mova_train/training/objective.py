@@ -22,23 +22,51 @@ class ExpertChooser:
     """Picks the video expert of each micro-step, identically on every rank.
 
     Every rank must run the same expert in a micro-step (ZeRO-3 gathers the expert's weights collectively), so
-    `ratio` draws from a stream seeded by the run seed only, advanced once per micro-step.
+    `ratio` draws from a stream seeded by the run seed only. With `expert_switch_every` = 1 (the reference) the
+    choice is per micro-step; with N > 1 it is per phase of N optimizer steps (N x gradient_accumulation_steps
+    micro-steps), so a phase trains one expert and the idle one is swapped in once per phase. Either way the choice
+    is a pure function of (seed, micro-step): a resume continues the phase exactly, with nothing to restore.
     """
 
-    def __init__(self, cfg: ObjectiveConfig, seed: int):
+    def __init__(self, cfg: ObjectiveConfig, seed: int, gradient_accumulation_steps: int = 1):
         self.mode = cfg.expert
         self.ratio = float(cfg.high_noise_ratio)
         self.seed = int(seed)
+        self.switch_every = int(cfg.expert_switch_every)
+        self.gas = int(gradient_accumulation_steps)
+
+    def phase(self, micro_step: int) -> int:
+        """Index of the phase holding global micro-step `micro_step` (a phase = one choice of expert)."""
+        if self.switch_every == 1:
+            return micro_step
+        return micro_step // (self.switch_every * self.gas)
 
     def expert(self, micro_step: int) -> str:
         """Expert for global micro-step `micro_step` (0-based, counts every micro-batch, as the reference)."""
+        if self.mode.startswith("only:"):
+            return self.mode.split(":", 1)[1]
+        phase = self.phase(micro_step)
         if self.mode == "alternate":
-            return EXPERTS[micro_step % 2]  # reference: even -> high-noise expert
+            return EXPERTS[phase % 2]  # reference: even -> high-noise expert
+        # ratio: a pure function of (seed, phase); switch_every=1 keeps the reference's per-micro-step key
+        key = (
+            f"{self.seed}:{phase}"
+            if self.switch_every == 1
+            else f"{self.seed}:phase{self.switch_every}:{phase}"
+        )
+        return EXPERTS[0] if random.Random(key).random() < self.ratio else EXPERTS[1]
+
+    def schedule(self) -> dict:
+        """The settings that decide the choice (saved with a checkpoint; a resume must keep them)."""
+        out = {"expert": self.mode, "expert_switch_every": self.switch_every}
         if self.mode == "ratio":
-            # A pure function of (seed, micro_step): nothing to save for resume, same on every rank.
-            u = random.Random(f"{self.seed}:{micro_step}").random()
-            return EXPERTS[0] if u < self.ratio else EXPERTS[1]
-        return self.mode.split(":", 1)[1]
+            out["high_noise_ratio"] = self.ratio
+        return out
+
+    def state_at(self, step: int) -> dict:
+        """The schedule and the phase at optimizer step `step` (what a checkpoint of that step records)."""
+        micro = step * self.gas
+        return {**self.schedule(), "phase": self.phase(micro), "phase_expert": self.expert(micro)}
 
 
 @dataclass
@@ -94,11 +122,18 @@ class MicroStepInputs:
 class FlowMatchingObjective:
     """Builds a micro-step's inputs and computes its loss; the randomness comes from the caller's generator."""
 
-    def __init__(self, cfg: ObjectiveConfig, scheduler: FlowMatchScheduler, boundary: float, seed: int):
+    def __init__(
+        self,
+        cfg: ObjectiveConfig,
+        scheduler: FlowMatchScheduler,
+        boundary: float,
+        seed: int,
+        gradient_accumulation_steps: int = 1,
+    ):
         self.cfg = cfg
         self.scheduler = scheduler
         self.boundary = float(boundary)
-        self.chooser = ExpertChooser(cfg, seed)
+        self.chooser = ExpertChooser(cfg, seed, gradient_accumulation_steps)
         self.timesteps = TimestepSampler(
             scheduler, self.boundary, cfg.timestep_sampling, cfg.logit_normal_mean, cfg.logit_normal_std
         )

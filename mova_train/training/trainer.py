@@ -131,7 +131,9 @@ class Trainer:
     def build_model(self) -> None:
         cfg = self.cfg
         checkpoint = resolve_path(cfg.model.checkpoint, field_name="model.checkpoint")
-        model = load_base(checkpoint, self.components, DTYPES[cfg.model.dtype], self.device, self.ds_config)
+        model = load_base(
+            checkpoint, self.components, DTYPES[cfg.model.dtype], self.device, self.ds_config, cfg.objective
+        )
         for p in model.parameters():
             p.requires_grad_(False)
         torch.manual_seed(cfg.trainer.seed)  # the same LoRA initialisation on every rank
@@ -146,11 +148,9 @@ class Trainer:
         self.model = model
         self.model_config = model.config
         self.objective = FlowMatchingObjective(
-            cfg.objective,
-            FlowMatchScheduler.from_config(model.config.scheduler),
-            model.config.boundary_timestep,
-            cfg.trainer.seed,
-        )
+            cfg.objective, FlowMatchScheduler.from_config(model.config.scheduler), model.config.boundary_timestep,
+            cfg.trainer.seed, cfg.trainer.gradient_accumulation_steps,
+        )  # fmt: skip
         num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         num_frozen = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if not p.requires_grad)
         logger.info(
@@ -164,7 +164,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim)  # trainable params, a group per component
         self.backend = build_backend(
             self.accelerator, self.model, self.optimizer, ds_config=self.ds_config,
-            mixed_precision=self.mixed_precision, max_grad_norm=cfg.optim.max_grad_norm,
+            mixed_precision=self.mixed_precision, max_grad_norm=cfg.optim.max_grad_norm, objective=cfg.objective,
         )  # fmt: skip
         self.generator = torch.Generator().manual_seed(cfg.trainer.seed * 1_000_003 + self.layout.dp_rank)
         if cfg.trainer.verify_frozen_base:
