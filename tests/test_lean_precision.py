@@ -172,14 +172,29 @@ def test_fp32_model_lean_equals_reference_bit_for_bit():
         assert torch.equal(a, b)
 
 
-def test_fp32_block_lean_recomputed_equals_reference(video_models):
-    """Under activation checkpointing the lean Functions run again in the recomputation, with the same bits."""
-    fp32, _ = video_models
-    reference = _run_block(fp32, "reference", torch.float32, autocast=False)
-    recomputed = _run_block(fp32, "lean", torch.float32, autocast=False, recompute=True)
-    assert len(reference[1]) == 2 * 10  # A and B of q/k/v/o of both attentions and of the two FFN linears
-    assert torch.equal(reference[0], recomputed[0])
-    assert all(torch.equal(a, b) for a, b in zip(reference[1], recomputed[1], strict=True))
+def test_block_lean_recomputed_equals_plain(video_models):
+    """Under activation checkpointing the lean Functions run again in the recomputation (under the forward's
+    autocast state) with the same bits: fp32 against reference, bf16 autocast against lean without recomputation."""
+    fp32, bf16 = video_models
+    for model, dtype, against in ((fp32, torch.float32, "reference"), (bf16, torch.bfloat16, "lean")):
+        plain = _run_block(model, against, dtype, autocast=dtype != torch.float32)
+        recomputed = _run_block(model, "lean", dtype, autocast=dtype != torch.float32, recompute=True)
+        assert len(plain[1]) == 2 * 10  # A and B of q/k/v/o of both attentions and of the two FFN linears
+        assert torch.equal(plain[0], recomputed[0])
+        assert all(torch.equal(a, b) for a, b in zip(plain[1], recomputed[1], strict=True))
+
+
+def test_lean_block_runs_on_meta():
+    """Shape-only runs (full-size inspection and planning on `meta`) go through the Functions and LoRA hook."""
+    model = build_mova("tiny", components=("video_dit",), device="meta")
+    apply_lora(model, LoraConfig(rank=4, alpha=4.0, targets={"video_dit": ["self_attn"]}))
+    x = torch.empty(1, 48, 96, device="meta", requires_grad=True)
+    rope = tuple(t.to("meta") for t in L.video_rope((3, 4, 4), 32, CPU))
+    y = model.video_dit.blocks[0](
+        x, torch.empty(1, 7, 96, device="meta"), torch.empty(1, 6, 96, device="meta"), rope
+    )
+    y.sum().backward()
+    assert x.grad.shape == x.shape and x.grad.device.type == "meta"
 
 
 def test_bf16_lean_block_within_tolerance_of_fp32(video_models):

@@ -11,11 +11,10 @@ adapter weights stay fp32 parameters: the optimizer's master weights, checkpoint
 
 from __future__ import annotations
 
-import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from mova_train.models.layers import set_norm_precision
+from mova_train.models.layers import autocast_enabled, set_norm_precision
 from mova_train.names import PRECISIONS
 
 _HOOKED = "_mova_input_cast_hook"  # marks a LoRA layer whose pre-hook is installed
@@ -23,8 +22,7 @@ _HOOKED = "_mova_input_cast_hook"  # marks a LoRA layer whose pre-hook is instal
 
 def _choose_input_cast(layer: LoraLayer, args: tuple) -> None:
     """Forward pre-hook: PEFT's own switch (`cast_input_dtype_enabled`), set for this call."""
-    x = args[0]
-    lean = layer.lean_input and not layer.lora_variant and torch.is_autocast_enabled(x.device.type)
+    lean = layer.lean_input and not layer.lora_variant and autocast_enabled(args[0].device.type)
     layer.cast_input_dtype_enabled = not lean
 
 

@@ -7,6 +7,7 @@ nothing appears in the state dict and nothing is computed on `meta`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -53,8 +54,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 # same values in both modes (they already returned the input's dtype); lean saves less for backward.
 
 
-def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
-    return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for `device_type`; False for types autocast does not know (`meta`)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype | None]:
+    if not autocast_enabled(device_type):
+        return device_type, False, None
+    return device_type, True, torch.get_autocast_dtype(device_type)
 
 
 def _recompute_grads(ctx, fn, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -66,7 +74,8 @@ def _recompute_grads(ctx, fn, grad_out: torch.Tensor) -> tuple[torch.Tensor | No
         for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad, strict=False)
     ]
     wanted = [t for t in inputs if t is not None and t.requires_grad]
-    with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+    autocast = torch.autocast(device_type, dtype=dtype) if enabled else contextlib.nullcontext()
+    with torch.enable_grad(), autocast:
         out = fn(*inputs)
     grads = iter(torch.autograd.grad(out, wanted, grad_out) if wanted else ())
     return tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs)
