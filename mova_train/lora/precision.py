@@ -21,8 +21,11 @@ _HOOKED = "_mova_input_cast_hook"  # marks a LoRA layer whose pre-hook is instal
 
 
 def _choose_input_cast(layer: LoraLayer, args: tuple) -> None:
-    """Forward pre-hook: PEFT's own switch (`cast_input_dtype_enabled`), set for this call."""
-    lean = layer.lean_input and not layer.lora_variant and autocast_enabled(args[0].device.type)
+    """Forward pre-hook: PEFT's own switch (`cast_input_dtype_enabled`), set for this call (an input passed by
+    keyword only, which the model never does, keeps PEFT's cast)."""
+    lean = (
+        layer.lean_input and not layer.lora_variant and bool(args) and autocast_enabled(args[0].device.type)
+    )
     layer.cast_input_dtype_enabled = not lean
 
 
