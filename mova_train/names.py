@@ -23,6 +23,10 @@ SHARED_COMPONENTS = (AUDIO_DIT, BRIDGE)
 # The DiT towers (made of transformer blocks; the bridge holds the cross-tower conditioners).
 TOWERS = (HIGH_NOISE_EXPERT, LOW_NOISE_EXPERT, AUDIO_DIT)
 
+# Precision of the norms, RoPE and LoRA inputs (`model.precision`): `lean` keeps no fp32 copy of activations for
+# backward (bit-identical to `reference` in fp32), `reference` is the original bf16 behaviour.
+PRECISIONS = ("lean", "reference")
+
 # The expert switch of the released model (model_index.json `boundary_ratio`): t >= ratio * 1000 is high-noise.
 BOUNDARY_RATIO = 0.9
 

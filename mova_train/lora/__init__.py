@@ -51,6 +51,7 @@ _HOMES = {
     "format_lora_table": ".inspect",
     "lora_config_from_name": ".inspect",
     "print_lora_summary": ".inspect",
+    "set_precision": ".precision",
     "PRESETS": ".presets",
     "Preset": ".presets",
     "presets_for_component": ".presets",
@@ -106,6 +107,7 @@ __all__ = [
     "save_adapters",
     "set_active_adapters",
     "set_lora_scale",
+    "set_precision",
     "targets_from_state",
     "validate_lora_config",
 ]

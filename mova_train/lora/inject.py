@@ -18,6 +18,7 @@ from peft import inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 
 from mova_train.lora.config import INIT_OPTIONS, LoraConfig, LoraError, as_lora_config
+from mova_train.lora.precision import install_input_cast_hooks
 from mova_train.lora.presets import get_component, resolve_targets
 from mova_train.names import ADAPTER_KEY_RE, COMPONENTS, LORA_PARTS, PEFT_KEY_RE, adapter_key
 
@@ -81,7 +82,8 @@ def apply_lora(
     """Inject LoRA into each targeted component, freeze every base parameter, return component -> paths.
 
     `targets` (exact paths, e.g. read from an adapter file) overrides the preset resolution of `cfg.targets`.
-    Adapter weights are kept in `adapter_dtype` (fp32 by default, also under a bf16 base; None = base dtype).
+    Adapter weights are kept in `adapter_dtype` (fp32 by default, also under a bf16 base; None = base dtype);
+    under autocast the wrapped layers take their input uncast (lean, see `mova_train.lora.precision`).
     On a meta-device model the adapter weights stay on meta (no memory), for inspection at full size.
     """
     cfg = as_lora_config(cfg)
@@ -119,6 +121,7 @@ def apply_lora(
                     container = getattr(layer, part, None)
                     if container is not None and adapter_name in container:
                         container[adapter_name].to(adapter_dtype)
+        install_input_cast_hooks(module)
     for p in model.parameters():
         p.requires_grad_(False)
     for p in lora_parameters(model, adapter_name=adapter_name):

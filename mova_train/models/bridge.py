@@ -10,7 +10,7 @@ from torch import nn
 
 from .config import BridgeConfig
 from .dit import QKNormAttention
-from .layers import apply_rope_rotate_half, attention, bridge_rope
+from .layers import LayerNorm, apply_rope_rotate_half, attention, bridge_rope
 from .sequence import SequenceShard
 
 Rope = tuple[torch.Tensor, torch.Tensor]
@@ -48,7 +48,7 @@ class BridgeConditioner(nn.Module):
 
     def __init__(self, dim: int, kv_dim: int, head_dim: int, eps: float):
         super().__init__()
-        self.y_norm = nn.LayerNorm(kv_dim, eps=eps, elementwise_affine=True)
+        self.y_norm = LayerNorm(kv_dim, eps=eps, elementwise_affine=True)
         self.inner = ConditionalCrossAttention(dim, dim // head_dim, eps, kv_dim=kv_dim)
         self.activation_checkpointing = False
 

@@ -15,6 +15,7 @@ from torch import nn
 from .config import AudioDiTConfig, VideoDiTConfig
 from .layers import (
     Fp32Linear,
+    LayerNorm,
     RMSNorm,
     apply_rope_interleaved,
     attention,
@@ -82,9 +83,9 @@ class DiTBlock(nn.Module):
         self.modulation = nn.Parameter(torch.empty(1, 6, dim))
         self.self_attn = SelfAttention(dim, num_heads, eps)
         self.cross_attn = CrossAttention(dim, num_heads, eps)
-        self.norm1 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
-        self.norm2 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
-        self.norm3 = nn.LayerNorm(dim, eps=eps, elementwise_affine=True)
+        self.norm1 = LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.norm2 = LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.norm3 = LayerNorm(dim, eps=eps, elementwise_affine=True)
         self.ffn = nn.Sequential(
             nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim)
         )
@@ -117,7 +118,7 @@ class Head(nn.Module):
     def __init__(self, dim: int, out_features: int, eps: float):
         super().__init__()
         self.modulation = nn.Parameter(torch.empty(1, 2, dim))
-        self.norm = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.norm = LayerNorm(dim, eps=eps, elementwise_affine=False)
         self.head = nn.Linear(dim, out_features)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:

@@ -7,12 +7,15 @@ nothing appears in the state dict and nothing is computed on `meta`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..names import PRECISIONS
 
 try:  # flash-attn 2 is optional: used for fp16/bf16 CUDA tensors when installed, SDPA otherwise
     from flash_attn import flash_attn_func as _flash_attn_func
@@ -45,18 +48,137 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return out.reshape(b, lq, h * d)
 
 
+# ---- precision: norms and RoPE that keep no fp32 copy of their input for backward ------------------------------
+# `lean` (the default) and `reference` give bit-identical results in fp32. In bf16 the norms differ in one way only:
+# under autocast a lean LayerNorm returns the input's dtype instead of autocast's fp32. RMSNorm and RoPE compute the
+# same values in both modes (they already returned the input's dtype); lean saves less for backward.
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for `device_type`; False for types autocast does not know (`meta`)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype | None]:
+    if not autocast_enabled(device_type):
+        return device_type, False, None
+    return device_type, True, torch.get_autocast_dtype(device_type)
+
+
+def _recompute_grads(ctx, fn, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of `fn(*saved inputs)` by re-running it under the forward's autocast state: the same ops as the
+    reference graph, so the same bits, while only the (base-dtype) inputs were kept between forward and backward."""
+    device_type, enabled, dtype = ctx.autocast
+    inputs = [
+        None if t is None else t.detach().requires_grad_(need)
+        for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad, strict=False)
+    ]
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    autocast = torch.autocast(device_type, dtype=dtype) if enabled else contextlib.nullcontext()
+    with torch.enable_grad(), autocast:
+        out = fn(*inputs)
+    grads = iter(torch.autograd.grad(out, wanted, grad_out) if wanted else ())
+    return tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs)
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32, or in float64 if it is (so that gradcheck can check the formulas below)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The reference formula: statistics and scaling in fp32, rounded to x's dtype before the weight."""
+    xf = _at_least_fp32(x)
+    y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return y.to(x.dtype) * weight
+
+
+class _LeanRMSNorm(torch.autograd.Function):
+    """`_rms_norm` that saves only x (its own dtype) and the weight; backward recomputes the fp32 statistics."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        ctx.eps = eps
+        ctx.autocast = _autocast_state(x.device.type)
+        ctx.save_for_backward(x, weight)
+        return _rms_norm(x, weight, eps)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        return (*_recompute_grads(ctx, lambda x, w: _rms_norm(x, w, ctx.eps), grad), None)
+
+
+def _layer_norm(x, weight, bias, eps: float, lean: bool) -> torch.Tensor:
+    """F.layer_norm as autocast runs it (fp32 under CUDA autocast); lean rounds the result to x's dtype."""
+    y = F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    return y.to(x.dtype) if lean else y
+
+
+class _LeanLayerNorm(torch.autograd.Function):
+    """`_layer_norm(lean=True)` that saves only x (its own dtype), weight and bias; backward recomputes."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        ctx.eps = eps
+        ctx.autocast = _autocast_state(x.device.type)
+        ctx.save_for_backward(x, weight, bias)
+        return _layer_norm(x, weight, bias, eps, lean=True)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        return (*_recompute_grads(ctx, lambda x, w, b: _layer_norm(x, w, b, ctx.eps, lean=True), grad), None)
+
+
+def _wants_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * w over the last dim (the full width D, not per head); fp32 inside."""
+    """y = x / sqrt(mean(x^2) + eps) * w over the last dim (the full width D, not per head); fp32 inside.
+
+    `lean` (see `set_norm_precision`): the same values, but only x is kept for backward, not its fp32 copy.
+    """
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.lean = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return y.to(x.dtype) * self.weight
+        if self.lean and _wants_grad(x, self.weight):
+            return _LeanRMSNorm.apply(x, self.weight, self.eps)
+        return _rms_norm(x, self.weight, self.eps)
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters and keys) over the last dim. `lean` (see `set_norm_precision`): the result is
+    in x's dtype also under autocast (which computes it in fp32), and only x is kept for backward."""
+
+    def __init__(self, dim: int, eps: float, elementwise_affine: bool):
+        super().__init__(dim, eps=eps, elementwise_affine=elementwise_affine)
+        self.lean = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.lean:
+            return super().forward(x)
+        if _wants_grad(x, self.weight, self.bias):
+            return _LeanLayerNorm.apply(x, self.weight, self.bias, self.eps)
+        return _layer_norm(x, self.weight, self.bias, self.eps, lean=True)
+
+
+def set_norm_precision(model: nn.Module, precision: str) -> int:
+    """Set every RMSNorm and LayerNorm of `model` to `lean` or `reference` precision; returns how many."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} unknown; allowed: {', '.join(PRECISIONS)}")
+    count = 0
+    for m in model.modules():
+        if isinstance(m, (RMSNorm, LayerNorm)):
+            m.lean = precision == "lean"
+            count += 1
+    return count
 
 
 class Fp32Linear(nn.Linear):
@@ -123,15 +245,39 @@ def audio_rope(length: int, head_dim: int, device: torch.device) -> tuple[torch.
     return torch.cos(angles).float(), torch.sin(angles).float()
 
 
-def apply_rope_interleaved(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotate pairs (x[2j], x[2j+1]) as complex numbers. x [B, L, H, d], cos/sin [L, d/2]. Computed in fp32."""
-    cos, sin = rope
-    cos = cos[None, :, None, :]
-    sin = sin[None, :, None, :]
-    xf = x.float().unflatten(-1, (-1, 2))  # [B, L, H, d/2, 2]
+def _rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    xf = _at_least_fp32(x).unflatten(-1, (-1, 2))  # [B, L, H, d/2, 2]
     x0, x1 = xf[..., 0], xf[..., 1]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
     return out.flatten(-2).to(x.dtype)
+
+
+class _RopeInterleaved(torch.autograd.Function):
+    """Saves only the (cached) tables; backward rotates the gradient back, by the same products and sums as
+    autograd through `_rope_interleaved`, so the gradient has the same bits."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rope_interleaved(x, cos, sin)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        g = _at_least_fp32(grad).unflatten(-1, (-1, 2))  # [B, L, H, d/2, 2]
+        g0, g1 = g[..., 0], g[..., 1]
+        gx = torch.stack([g0 * cos + g1 * sin, g1 * cos - g0 * sin], dim=-1)
+        return gx.flatten(-2).to(grad.dtype), None, None
+
+
+def apply_rope_interleaved(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate pairs (x[2j], x[2j+1]) as complex numbers. x [B, L, H, d], cos/sin [L, d/2]. Computed in fp32,
+    returned in x's dtype; nothing but the tables is kept for backward."""
+    cos, sin = (t[None, :, None, :] for t in rope)
+    if _wants_grad(x):
+        return _RopeInterleaved.apply(x, cos, sin)
+    return _rope_interleaved(x, cos, sin)
 
 
 # ---- bridge RoPE: rotate-half convention over positions in audio-latent steps ---------------------------------
@@ -205,15 +351,37 @@ def bridge_rope(
     return video, _rotate_half_tables(num_audio_tokens, head_dim, device)
 
 
-def apply_rope_rotate_half(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """x*cos + R(x)*sin with R(x) = [-x2, x1] (halves). x [B, L, H, d], cos/sin [L, d]. Computed in fp32."""
-    cos, sin = rope
-    cos = cos[None, :, None, :]
-    sin = sin[None, :, None, :]
-    xf = x.float()
+def _rope_rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    xf = _at_least_fp32(x)
     x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (xf * cos + rotated * sin).to(x.dtype)
+
+
+class _RopeRotateHalf(torch.autograd.Function):
+    """Saves only the (cached) tables; backward applies the inverse rotation with autograd's products and sums."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rope_rotate_half(x, cos, sin)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        g = _at_least_fp32(grad)
+        gs1, gs2 = (g * sin).chunk(2, dim=-1)
+        return (g * cos + torch.cat([gs2, -gs1], dim=-1)).to(grad.dtype), None, None
+
+
+def apply_rope_rotate_half(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x*cos + R(x)*sin with R(x) = [-x2, x1] (halves). x [B, L, H, d], cos/sin [L, d]. Computed in fp32,
+    returned in x's dtype; nothing but the tables is kept for backward."""
+    cos, sin = (t[None, :, None, :] for t in rope)
+    if _wants_grad(x):
+        return _RopeRotateHalf.apply(x, cos, sin)
+    return _rope_rotate_half(x, cos, sin)
 
 
 def init_linear_(module: nn.Module, generator: torch.Generator | None) -> None:

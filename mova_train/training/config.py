@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mova_train.errors import ConfigValueError, check_choice, check_float, check_int, fail
-from mova_train.names import COMPONENTS, EXPERTS
+from mova_train.names import COMPONENTS, EXPERTS, PRECISIONS
 
 DTYPES = ("float32", "bfloat16")
 EXPERT_MODES = ("alternate", "ratio", *(f"only:{e}" for e in EXPERTS))
@@ -42,6 +42,9 @@ class ModelConfig:
         False  # recompute each dual-tower layer (bridge + both blocks) in backward
     )
     activation_offload: bool = False  # keep those layers' saved inputs in pinned host memory until backward
+    # lean: norms and RoPE keep no fp32 copies for backward, LoRA inputs are not re-cast under autocast (fp32:
+    # bit-identical to reference); reference: the original bf16 numerics (README: Lean precision)
+    precision: str = "lean"
 
     def validate(self) -> None:
         """Its own fields; whether the folder is a checkpoint and the components cover the objective are
@@ -51,6 +54,7 @@ class ModelConfig:
                 "model.checkpoint is not set: pass model.checkpoint=DIR (a MOVA checkpoint folder)"
             )
         check_choice("model.dtype", self.dtype, DTYPES)
+        check_choice("model.precision", self.precision, PRECISIONS)
         if not isinstance(self.activation_checkpointing, bool):
             fail("model.activation_checkpointing", self.activation_checkpointing, "expected true or false")
         if not isinstance(self.activation_offload, bool):

@@ -31,7 +31,7 @@ from mova_train.config import (
     validate_config,
 )
 from mova_train.data.loader import build_loader
-from mova_train.lora import apply_lora, as_lora_config, load_init_adapter
+from mova_train.lora import apply_lora, as_lora_config, load_init_adapter, set_precision
 from mova_train.models import FlowMatchScheduler, set_activation_checkpointing
 from mova_train.run_layout import list_checkpoints, samples_file
 from mova_train.training import checkpointer as checkpoints
@@ -141,6 +141,7 @@ class Trainer:
         if cfg.lora.init_from and self.checkpointer.resume_from is None:  # a resume's own adapters come first
             init = resolve_path(cfg.lora.init_from, field_name="lora.init_from")
             load_init_adapter(model, init, cfg.lora, expected_base_identity=self.checkpointer.base_identity)
+        set_precision(model, cfg.model.precision)
         if cfg.model.activation_checkpointing:
             set_activation_checkpointing(model, enabled=True, offload=cfg.model.activation_offload)
         self.layout = apply_sequence_parallel(model, cfg.parallel, self.rank, self.world_size)
