@@ -20,8 +20,11 @@ from torch import nn
 
 from mova_train.lora import extract_lora_state, load_adapters, load_lora_state_dict
 from mova_train.models.checkpoint import load_mova
+from mova_train.models.fp8 import apply_fp8_base
+from mova_train.models.streaming import apply_block_streaming, host_data
 from mova_train.run_layout import adapter_dir
 from mova_train.training import checkpoint as ckpt_io
+from mova_train.training.config import ModelConfig
 from mova_train.training.distributed import (
     Zero3RankLocalLoader,
     all_reduce,
@@ -30,6 +33,7 @@ from mova_train.training.distributed import (
 )
 from mova_train.upstream import clear_zero3_stale_grads, relink_zero_optimizer_states
 
+BASE_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # model.dtype
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")  # torch AdamW's per-parameter state besides `step`
 logger = logging.getLogger(__name__)
 
@@ -37,13 +41,29 @@ logger = logging.getLogger(__name__)
 def load_base(
     checkpoint: Path,
     components: tuple[str, ...],
-    dtype: torch.dtype,
+    dtype: torch.dtype | ModelConfig,
     device: torch.device,
     ds_config: dict | None,
 ) -> nn.Module:
     """The frozen base as the chosen backend wants it, without any rank holding all of it in host memory: under
     ZeRO-3 built partitioned and each rank's part read alone (`Zero3RankLocalLoader`); otherwise every rank
-    holds the whole model anyway, so it is read tensor by tensor straight to `device`."""
+    holds the whole model anyway, so it is read tensor by tensor straight to `device`.
+
+    `dtype` is the base's dtype, or the model group: its dtype, and whether the frozen linears are stored in
+    float8 (`model.base_dtype`) and blocks streamed from host memory (`model.offload_blocks`); for those the base
+    is read to host memory and converted, and only what stays resident is moved to `device`."""
+    memory = dtype if isinstance(dtype, ModelConfig) else None
+    if memory is not None:
+        dtype = BASE_TORCH_DTYPES[memory.dtype]
+    if memory is not None and (memory.offload_blocks > 0 or memory.base_dtype == "fp8"):
+        memory.check_memory_modes(deepspeed=ds_config is not None, use_dora=False)
+        model = load_mova(checkpoint, components=components, dtype=dtype, device="cpu")
+        if memory.base_dtype == "fp8":
+            logger.info("frozen base: %d linears stored in float8 e4m3", apply_fp8_base(model))
+        if memory.offload_blocks > 0:
+            streamer = apply_block_streaming(model, memory.offload_blocks, device)
+            logger.info("frozen base: %d blocks streamed from host memory", len(streamer.blocks))
+        return model.to(device)
     zero_stage = int(ds_config["zero_optimization"]["stage"]) if ds_config else 0
     if zero_stage == 3:
         why_not = zero3_rank_local_unsupported(ds_config)
@@ -111,8 +131,8 @@ class Backend:
         return p.detach().float().cpu()
 
     def local_data(self, p: nn.Parameter) -> torch.Tensor:
-        """The part of `p` this rank holds."""
-        return p.data
+        """The part of `p` this rank holds (a streamed block's weights: their host copy)."""
+        return host_data(p)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Canonical adapter state with full fp32 values on every rank (collective under ZeRO)."""

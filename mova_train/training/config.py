@@ -19,6 +19,7 @@ from mova_train.errors import ConfigValueError, check_choice, check_float, check
 from mova_train.names import COMPONENTS, EXPERTS
 
 DTYPES = ("float32", "bfloat16")
+BASE_DTYPES = ("fp8",)  # model.base_dtype besides null (the frozen base in model.dtype)
 EXPERT_MODES = ("alternate", "ratio", *(f"only:{e}" for e in EXPERTS))
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
 # fp16 is not offered: MOVA is a bf16 model and fp16 would need loss scaling.
@@ -38,6 +39,12 @@ class ModelConfig:
     dtype: str = "bfloat16"  # dtype of the frozen base weights: float32 | bfloat16
     components: list[str] | None = None  # components to load; None = what the objective needs
     activation_checkpointing: bool = False  # recompute tower blocks and bridge layers in backward
+    # Small GPUs (README "Small GPUs: block streaming and fp8"): the frozen weights of the last K blocks of each video
+    # expert stay in host memory and are streamed to the GPU for each use; 0 keeps every block resident.
+    offload_blocks: int = 0
+    # fp8: the frozen linear weights of the tower blocks and bridge conditioners stored as float8 e4m3 with a scale
+    # per output channel, upcast to model.dtype per layer; null: stored in model.dtype.
+    base_dtype: str | None = None
 
     def validate(self) -> None:
         """Its own fields; whether the folder is a checkpoint and the components cover the objective are
@@ -49,9 +56,29 @@ class ModelConfig:
         check_choice("model.dtype", self.dtype, DTYPES)
         if not isinstance(self.activation_checkpointing, bool):
             fail("model.activation_checkpointing", self.activation_checkpointing, "expected true or false")
+        check_int(
+            "model.offload_blocks", self.offload_blocks, 0, "expected an integer >= 0 (0: no streaming)"
+        )
+        if self.base_dtype is not None:
+            check_choice("model.base_dtype", self.base_dtype, BASE_DTYPES)
         if self.components is not None:
             for c in self.components:
                 check_choice("model.components", c, COMPONENTS)
+
+    def check_memory_modes(self, *, deepspeed: bool, use_dora: bool) -> None:
+        """model.offload_blocks and model.base_dtype=fp8 against the rest of the run (one-line errors)."""
+        on = [f"model.offload_blocks={self.offload_blocks}"] if self.offload_blocks > 0 else []
+        on += ["model.base_dtype=fp8"] if self.base_dtype == "fp8" else []
+        if on and deepspeed:
+            raise ConfigValueError(
+                f"{on[0]} is not supported with DeepSpeed (ZeRO-3 already partitions the frozen base; ZeRO-2 only "
+                "shards the small LoRA optimizer state): run without DeepSpeed or drop the setting"
+            )
+        if on and use_dora:
+            raise ConfigValueError(
+                f"{on[0]} does not work with lora.use_dora (DoRA reads the whole base weight at every step): "
+                "use plain LoRA or drop the setting"
+            )
 
 
 @dataclass
@@ -349,6 +376,7 @@ class TrainerConfig:
 
 
 __all__ = [
+    "BASE_DTYPES",
     "DTYPES",
     "EXPERT_MODES",
     "LR_SCHEDULES",
