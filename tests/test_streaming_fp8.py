@@ -16,6 +16,7 @@ from mova_train.lora.export import export_adapter
 from mova_train.models import build_mova, set_activation_checkpointing
 from mova_train.models.fp8 import FP8_DTYPE, Fp8Linear, apply_fp8_base, quantize_fp8
 from mova_train.models.streaming import apply_block_streaming, host_data
+from mova_train.training.checkpoint import ResumeError
 from mova_train.training.config import ModelConfig
 from mova_train.training.synthetic import write_random_shards_for
 from mova_train.training.trainer import run, to_train_config
@@ -160,6 +161,8 @@ def test_training_with_streaming_and_fp8_resumes_exactly(tiny_checkpoint, tmp_pa
     full = losses("full", *both)
     losses("resumed", *both, budget=2)
     assert losses("resumed", *both) == full
+    with pytest.raises(ResumeError, match="model_base_dtype"):  # fp8 is part of what a resume must keep
+        losses("resumed", "model.offload_blocks=2", steps=6)
     # every block of both experts streamed (a step of each); the frozen-base check hashes the host copies
     streamed = losses("streamed", "model.offload_blocks=4", "trainer.verify_frozen_base=true", steps=2)
     assert streamed == losses("resident", steps=2)

@@ -20,7 +20,7 @@ from torch import nn
 
 from mova_train.lora import extract_lora_state, load_adapters, load_lora_state_dict
 from mova_train.models.checkpoint import load_mova
-from mova_train.models.fp8 import apply_fp8_base
+from mova_train.models.fp8 import FP8_DTYPE, apply_fp8_base
 from mova_train.models.streaming import apply_block_streaming, host_data
 from mova_train.run_layout import adapter_dir
 from mova_train.training import checkpoint as ckpt_io
@@ -167,6 +167,15 @@ class PlainBackend(Backend):
     """accelerate without DeepSpeed: one process or DDP; accumulation with no_sync, clipping, finiteness check."""
 
     def __init__(self, accelerator, model, optimizer, max_grad_norm: float):
+        if getattr(model, "block_streamer", None) is not None or any(
+            p.dtype == FP8_DTYPE for p in model.parameters()
+        ):
+            # DDP broadcasts every parameter from rank 0 at start; streamed placeholders and float8 weights (which
+            # gloo cannot broadcast) are frozen and read alike on every rank, so it leaves them alone.
+            frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                model, frozen
+            )
         super().__init__(accelerator, model, optimizer, max_grad_norm)
         world_size = accelerator.num_processes
         if world_size > 1 and not isinstance(self.model, torch.nn.parallel.DistributedDataParallel):

@@ -259,6 +259,9 @@ class Checkpointer:
                 "seed": cfg.trainer.seed,
                 # only when used, so fingerprints of data-parallel runs stay as they were
                 **({"sequence_parallel_size": sp} if sp > 1 else {}),
+                **(
+                    {"model_base_dtype": cfg.model.base_dtype} if cfg.model.base_dtype else {}
+                ),  # not offload_blocks
             }
         )
         return self.fingerprint_now
