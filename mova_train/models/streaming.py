@@ -7,8 +7,8 @@ its `.data` is an empty placeholder on the compute device; the host copy is `hos
 - forward pre-hook of block j: its weights resident (waiting for a prefetch, if one is in flight), block j+1's
   copy started on a side stream (CUDA; elsewhere copies are synchronous), stale blocks released;
 - forward post-hook: released; when the output needs a gradient, a hook on it makes the block resident again
-  when backward reaches it (and prefetches the block before it), and an identity function on the block's input
-  releases it when its backward is done. A recompute under activation checkpointing runs inside backward, where
+  when backward reaches it (and prefetches the block before it), and a hook on the block's input releases it
+  once the input's gradient is complete. A recompute under activation checkpointing runs inside backward, where
   the block is already resident and the post-hook keeps it; whatever is still resident when backward ends is
   released by a callback queued on the autograd engine.
 
@@ -31,20 +31,6 @@ def host_data(p: torch.Tensor) -> torch.Tensor:
     """The value of `p` whether or not it is streamed (the host copy of a streamed parameter)."""
     host = getattr(p, _HOST, None)
     return p.data if host is None else host
-
-
-class _ReleaseAfterBackward(torch.autograd.Function):
-    """Identity on a block's input; its backward runs once the block's backward has produced the input's gradient."""
-
-    @staticmethod
-    def forward(ctx, streamer, index, x):
-        ctx.streamer, ctx.index = streamer, index
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        ctx.streamer.release(ctx.index)
-        return None, None, grad
 
 
 class _Block:
@@ -150,13 +136,11 @@ class BlockStreamer:
                     self.release(i)
             self.use(index)
             self.prefetch(self.blocks[index].next)
-            if (
-                args
-                and isinstance(args[0], torch.Tensor)
-                and args[0].requires_grad
-                and torch.is_grad_enabled()
-            ):
-                return (_ReleaseAfterBackward.apply(self, index, args[0]), *args[1:])
+            x = args[0] if args else None
+            if isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled():
+                # runs once x's gradient is complete, so after this block's backward. A hook, not an identity node:
+                # a node would change the order in which autograd sums the gradients of tensors with several uses.
+                x.register_hook(lambda grad: self.release(index))
             return None
 
         return hook
@@ -176,6 +160,11 @@ class BlockStreamer:
         if not self.in_backward:
             self.in_backward = True
             torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+        nxt = self.blocks[index].next
+        if (
+            nxt is not None
+        ):  # its input is this block's output, whose gradient is complete now: its backward is done
+            self.release(nxt)
         self.use(index)
         self.prefetch(self.blocks[index].prev)
 
