@@ -96,6 +96,7 @@ def test_streamed_blocks_are_bit_identical_to_resident_and_only_in_flight_ones_a
         assert torch.equal(loss, want_loss)
         assert all(torch.equal(g, w) for g, w in zip(grads, want_grads, strict=True))
         assert streamer.resident == [] and not streamer.in_backward  # everything released after backward
+        assert all(p.numel() == 0 for block in streamer.blocks for p in block.params)
     assert streamer.max_resident == 2  # the block in use and the one being prefetched
     with torch.no_grad():  # evaluation: no backward, released after each forward
         pv, _ = streamed(**_inputs(), expert="video_dit")
