@@ -98,6 +98,26 @@ def test_streamed_blocks_are_bit_identical_to_resident_and_only_in_flight_ones_a
         assert streamer.resident == [] and not streamer.in_backward  # everything released after backward
         assert all(p.numel() == 0 for block in streamer.blocks for p in block.params)
     assert streamer.max_resident == 2  # the block in use and the one being prefetched
+
+    # a backward that fails half-way (an out-of-memory error, say) leaves nothing behind for the next step
+    def fail(grad):
+        raise RuntimeError("failed on purpose")
+
+    def fail_in_backward(module, args, output):
+        output.register_hook(fail)
+
+    handle = streamed.video_dit.blocks[2].register_forward_hook(fail_in_backward)
+    pv, pa = streamed(**_inputs(), expert="video_dit")
+    handle.remove()
+    with pytest.raises(RuntimeError, match="on purpose"):
+        (pv.square().mean() + pa.square().mean()).backward()
+    assert streamer.in_backward and streamer.resident  # its end-of-backward callback never ran
+    streamed.zero_grad(set_to_none=True)
+    loss, grads = _loss_and_grads(streamed)
+    assert torch.equal(loss, want_loss) and all(
+        torch.equal(g, w) for g, w in zip(grads, want_grads, strict=True)
+    )
+    assert streamer.resident == [] and streamer.max_resident == 2
     with torch.no_grad():  # evaluation: no backward, released after each forward
         pv, _ = streamed(**_inputs(), expert="video_dit")
         assert torch.equal(pv, resident(**_inputs(), expert="video_dit")[0])

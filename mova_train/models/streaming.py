@@ -126,9 +126,11 @@ class BlockStreamer:
     # ------------------------------------------------------------------ hooks
     def _make_pre_forward(self, index: int):
         def hook(module, args):
+            if self.in_backward and torch._C._current_graph_task_id() == -1:
+                self._end_backward()  # the last backward raised before its end callback: start afresh
             if (
                 self.in_backward
-            ):  # recompute under activation checkpointing: resident since its backward began
+            ):  # a recompute under activation checkpointing: resident since its backward began
                 self.use(index)
                 return None
             for i in self.resident:
