@@ -111,10 +111,11 @@ class BlockStreamer:
         for p, t in zip(block.params, block.tensors):
             p.data = t
 
-    def release(self, index: int) -> None:
-        block = self.blocks[index]
-        if block.tensors is None:
+    def release(self, index: int | None) -> None:
+        """Give block `index`'s device copies back (None: nothing)."""
+        if index is None or self.blocks[index].tensors is None:
             return
+        block = self.blocks[index]
         for p in block.params:
             p.data = self._placeholder(getattr(p, _HOST))
         block.tensors = block.event = None
@@ -128,9 +129,8 @@ class BlockStreamer:
         def hook(module, args):
             if self.in_backward and torch._C._current_graph_task_id() == -1:
                 self._end_backward()  # the last backward raised before its end callback: start afresh
-            if (
-                self.in_backward
-            ):  # a recompute under activation checkpointing: resident since its backward began
+            if self.in_backward:
+                # a recompute under activation checkpointing: resident since its backward began
                 self.use(index)
                 return None
             for i in self.resident:
@@ -162,28 +162,14 @@ class BlockStreamer:
         if not self.in_backward:
             self.in_backward = True
             torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
-        nxt = self.blocks[index].next
-        if (
-            nxt is not None
-        ):  # its input is this block's output, whose gradient is complete now: its backward is done
-            self.release(nxt)
+        # the next block's input is this block's output, whose gradient is complete now: its backward is done
+        self.release(self.blocks[index].next)
         self.use(index)
         self.prefetch(self.blocks[index].prev)
 
     def _end_backward(self) -> None:
         self.in_backward = False
         self.release_all()
-
-    def remove(self) -> None:
-        """Put every weight back on the device for good and remove the hooks."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        for i, block in enumerate(self.blocks):
-            self.use(i)
-            for p in block.params:
-                delattr(p, _HOST)
-            block.tensors = None
 
 
 def streamed_blocks(model: nn.Module, num_blocks: int) -> list[list[nn.Module]]:
