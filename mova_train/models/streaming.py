@@ -127,6 +127,7 @@ class BlockStreamer:
     # ------------------------------------------------------------------ hooks
     def _make_pre_forward(self, index: int):
         def hook(module, args):
+            # -1 outside any backward (private; torch 2.13, used by torch's checkpoint and FSDP2 alike)
             if self.in_backward and torch._C._current_graph_task_id() == -1:
                 self._end_backward()  # the last backward raised before its end callback: start afresh
             if self.in_backward:
@@ -161,6 +162,7 @@ class BlockStreamer:
     def _pre_backward(self, index: int) -> None:
         if not self.in_backward:
             self.in_backward = True
+            # the autograd engine's end-of-backward callback, as torch's FSDP2 uses it (private; torch 2.13)
             torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
         # the next block's input is this block's output, whose gradient is complete now: its backward is done
         self.release(self.blocks[index].next)

@@ -171,7 +171,8 @@ class PlainBackend(Backend):
             p.dtype == FP8_DTYPE for p in model.parameters()
         ):
             # DDP broadcasts every parameter from rank 0 at start; streamed placeholders and float8 weights (which
-            # gloo cannot broadcast) are frozen and read alike on every rank, so it leaves them alone.
+            # gloo cannot broadcast) are frozen and read alike on every rank, so it leaves them alone (DDP's own
+            # static helper for its ignore list, private in torch 2.13).
             frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
             torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
                 model, frozen
