@@ -146,6 +146,7 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
     m.validate()
     o.validate()
     lora = as_lora_config(cfg.lora)  # its own validation names lora.* fields
+    m.check_memory_modes(deepspeed=cfg.deepspeed.config is not None, use_dora=lora.use_dora)
     check_shards_folder("data.shards", cfg.data.shards)
     cfg.data.validated(check_shards=True)  # names data.* fields; the shards must exist before any run dir
     cfg.optim.validate()

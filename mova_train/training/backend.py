@@ -26,10 +26,12 @@ from torch import nn
 
 from mova_train.lora import extract_lora_state, load_adapters, load_lora_state_dict
 from mova_train.models.checkpoint import load_mova
+from mova_train.models.fp8 import FP8_DTYPE, apply_fp8_base
+from mova_train.models.streaming import apply_block_streaming, host_data
 from mova_train.names import EXPERTS
 from mova_train.run_layout import adapter_dir
 from mova_train.training import checkpoint as ckpt_io
-from mova_train.training.config import ObjectiveConfig
+from mova_train.training.config import ModelConfig, ObjectiveConfig
 from mova_train.training.distributed import (
     Zero3RankLocalLoader,
     all_reduce,
@@ -43,6 +45,7 @@ from mova_train.upstream import (
     relink_zero_optimizer_states,
 )
 
+BASE_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # model.dtype
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")  # torch AdamW's per-parameter state besides `step`
 logger = logging.getLogger(__name__)
 
@@ -50,7 +53,7 @@ logger = logging.getLogger(__name__)
 def load_base(
     checkpoint: Path,
     components: tuple[str, ...],
-    dtype: torch.dtype,
+    dtype: torch.dtype | ModelConfig,
     device: torch.device,
     ds_config: dict | None,
     objective: ObjectiveConfig | None = None,
@@ -58,10 +61,34 @@ def load_base(
     """The frozen base as the chosen backend wants it, without any rank holding all of it in host memory: under
     ZeRO-3 built partitioned and each rank's part read alone (`Zero3RankLocalLoader`); otherwise every rank
     holds the whole model anyway, so it is read tensor by tensor straight to `device`, or to the host when the
-    plain backend keeps the idle expert there (`objective.idle_expert=host`: never both experts on the device)."""
+    plain backend keeps the idle expert there (`objective.idle_expert=host`: never both experts on the device).
+
+    `dtype` is the base's dtype, or the model group: its dtype, and whether the frozen linears are stored in
+    float8 (`model.base_dtype`) and blocks streamed from host memory (`model.offload_blocks`); for those the base
+    is read to host memory and converted, and only what stays resident is moved to `device`."""
+    memory = dtype if isinstance(dtype, ModelConfig) else None
+    if memory is not None:
+        dtype = BASE_TORCH_DTYPES[memory.dtype]
     zero_stage = int(ds_config["zero_optimization"]["stage"]) if ds_config else 0
     on_host = objective is not None and keeps_idle_expert_on_host(objective, zero_stage=zero_stage)
-    if on_host and zero_stage == 0 and torch.device(device).type != "cpu":
+    on_host = on_host and zero_stage == 0 and torch.device(device).type != "cpu"
+    if memory is not None and (memory.offload_blocks > 0 or memory.base_dtype == "fp8"):
+        memory.check_memory_modes(deepspeed=ds_config is not None, use_dora=False)
+        model = load_mova(checkpoint, components=components, dtype=dtype, device="cpu")
+        if memory.base_dtype == "fp8":
+            logger.info("frozen base: %d linears stored in float8 e4m3", apply_fp8_base(model))
+        if memory.offload_blocks > 0:
+            streamer = apply_block_streaming(model, memory.offload_blocks, device)
+            logger.info("frozen base: %d blocks streamed from host memory", len(streamer.blocks))
+        if not on_host:
+            return model.to(device)
+        for (
+            name
+        ) in components:  # the experts stay on the host for ExpertResidency (which skips streamed blocks)
+            if name not in EXPERTS:
+                setattr(model, name, getattr(model, name).to(device))
+        return model
+    if on_host:
         # The experts to the host (ExpertResidency copies the active one in), the rest straight to the device.
         experts = tuple(c for c in components if c in EXPERTS)
         model = load_mova(checkpoint, components=experts, dtype=dtype, device="cpu")
@@ -148,8 +175,8 @@ class Backend:
         return p.detach().float().cpu()
 
     def local_data(self, p: nn.Parameter) -> torch.Tensor:
-        """The part of `p` this rank holds."""
-        return p.data
+        """The part of `p` this rank holds (a streamed block's weights: their host copy)."""
+        return host_data(p)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Canonical adapter state with full fp32 values on every rank (collective under ZeRO)."""
@@ -184,6 +211,16 @@ class PlainBackend(Backend):
     """accelerate without DeepSpeed: one process or DDP; accumulation with no_sync, clipping, finiteness check."""
 
     def __init__(self, accelerator, model, optimizer, max_grad_norm: float, residency=None):
+        if getattr(model, "block_streamer", None) is not None or any(
+            p.dtype == FP8_DTYPE for p in model.parameters()
+        ):
+            # DDP broadcasts every parameter from rank 0 at start; streamed placeholders and float8 weights (which
+            # gloo cannot broadcast) are frozen and read alike on every rank, so it leaves them alone (DDP's own
+            # static helper for its ignore list, private in torch 2.13).
+            frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                model, frozen
+            )
         super().__init__(accelerator, model, optimizer, max_grad_norm, residency)
         world_size = accelerator.num_processes
         if world_size > 1 and not isinstance(self.model, torch.nn.parallel.DistributedDataParallel):

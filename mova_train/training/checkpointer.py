@@ -265,6 +265,8 @@ class Checkpointer:
                 "seed": cfg.trainer.seed,
                 # only when used, so fingerprints of data-parallel runs stay as they were
                 **({"sequence_parallel_size": sp} if sp > 1 else {}),
+                # fp8 storage changes the numbers; model.offload_blocks does not, so it may change on resume
+                **({"model_base_dtype": cfg.model.base_dtype} if cfg.model.base_dtype else {}),
             }
         )
         return self.fingerprint_now

@@ -19,6 +19,7 @@ from mova_train.errors import ConfigValueError, check_choice, check_float, check
 from mova_train.names import COMPONENTS, EXPERTS, PRECISIONS
 
 DTYPES = ("float32", "bfloat16")
+BASE_DTYPES = ("fp8",)  # model.base_dtype besides null (the frozen base in model.dtype)
 EXPERT_MODES = ("alternate", "ratio", *(f"only:{e}" for e in EXPERTS))
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
 IDLE_EXPERT_PLACES = ("host", "device")
@@ -45,6 +46,12 @@ class ModelConfig:
     # lean: norms and RoPE keep no fp32 copies for backward, LoRA inputs are not re-cast under autocast (fp32:
     # bit-identical to reference); reference: the original bf16 numerics (README: Lean precision)
     precision: str = "lean"
+    # Small GPUs (README "Small GPUs: block streaming and fp8"): the frozen weights of the last K blocks of each video
+    # expert stay in host memory and are streamed to the GPU for each use; 0 keeps every block resident.
+    offload_blocks: int = 0
+    # fp8: the frozen linear weights of the tower blocks and bridge conditioners stored as float8 e4m3 with a scale
+    # per output channel, upcast to model.dtype per layer; null: stored in model.dtype.
+    base_dtype: str | None = None
 
     def validate(self) -> None:
         """Its own fields; whether the folder is a checkpoint and the components cover the objective are
@@ -65,9 +72,29 @@ class ModelConfig:
                 True,
                 "it offloads the checkpoint regions' inputs: set model.activation_checkpointing=true with it",
             )
+        check_int(
+            "model.offload_blocks", self.offload_blocks, 0, "expected an integer >= 0 (0: no streaming)"
+        )
+        if self.base_dtype is not None:
+            check_choice("model.base_dtype", self.base_dtype, BASE_DTYPES)
         if self.components is not None:
             for c in self.components:
                 check_choice("model.components", c, COMPONENTS)
+
+    def check_memory_modes(self, *, deepspeed: bool, use_dora: bool) -> None:
+        """model.offload_blocks and model.base_dtype=fp8 against the rest of the run (one-line errors)."""
+        on = [f"model.offload_blocks={self.offload_blocks}"] if self.offload_blocks > 0 else []
+        on += ["model.base_dtype=fp8"] if self.base_dtype == "fp8" else []
+        if on and deepspeed:
+            raise ConfigValueError(
+                f"{on[0]} is not supported with DeepSpeed (ZeRO-3 already partitions the frozen base; ZeRO-2 only "
+                "shards the small LoRA optimizer state): run without DeepSpeed or drop the setting"
+            )
+        if on and use_dora:
+            raise ConfigValueError(
+                f"{on[0]} does not work with lora.use_dora (DoRA reads the whole base weight at every step): "
+                "use plain LoRA or drop the setting"
+            )
 
 
 @dataclass
@@ -375,6 +402,7 @@ class TrainerConfig:
 
 
 __all__ = [
+    "BASE_DTYPES",
     "DTYPES",
     "EXPERT_MODES",
     "IDLE_EXPERT_PLACES",

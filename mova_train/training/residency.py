@@ -20,6 +20,7 @@ import logging
 import torch
 from torch import nn
 
+from mova_train.models.streaming import is_streamed
 from mova_train.names import EXPERTS
 from mova_train.training.config import ObjectiveConfig
 from mova_train.training.objective import ExpertChooser
@@ -77,7 +78,10 @@ class ExpertResidency:
         for name in experts:
             owners = []
             for path, module in getattr(model, name).named_modules():
-                own = [p for p in module.parameters(recurse=False) if not p.requires_grad]
+                # streamed blocks (model.offload_blocks) live on the host already: their streamer moves them
+                own = [
+                    p for p in module.parameters(recurse=False) if not p.requires_grad and not is_streamed(p)
+                ]
                 if own:
                     rank = 1 if path.startswith("blocks.") else 2 if path.startswith("head") else 0
                     owners.append((rank, len(owners), module, own))

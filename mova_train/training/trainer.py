@@ -62,7 +62,6 @@ from mova_train.upstream import silence_known_warnings
 
 logger = logging.getLogger("mova_train.training")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 __all__ = ["NonFiniteTrainingError", "RunResult", "Trainer", "run", "to_train_config", "validate_config"]
 
 
@@ -131,9 +130,7 @@ class Trainer:
     def build_model(self) -> None:
         cfg = self.cfg
         checkpoint = resolve_path(cfg.model.checkpoint, field_name="model.checkpoint")
-        model = load_base(
-            checkpoint, self.components, DTYPES[cfg.model.dtype], self.device, self.ds_config, cfg.objective
-        )
+        model = load_base(checkpoint, self.components, cfg.model, self.device, self.ds_config, cfg.objective)
         for p in model.parameters():
             p.requires_grad_(False)
         torch.manual_seed(cfg.trainer.seed)  # the same LoRA initialisation on every rank
