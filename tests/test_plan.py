@@ -25,16 +25,16 @@ from mova_train.plan.simulate import (
 )
 
 FP32 = Execution(mixed_precision="no", ds_config=None, gpus=1, sp=1)
-# 1,152 video tokens of width 256 over 2 + 2 layers: activations dominate the tiny weights
-MID_SHAPE = ClipShape(frames=33, height=128, width=256)
+# 1,728 video tokens of width 256 through one layer of each tower: activations dominate the tiny weights
+MID_SHAPE = ClipShape(frames=33, height=192, width=256)
 
 
 def mid_config():
     tiny = get_model_config("tiny")
-    video = dataclasses.replace(tiny.video_dit, dim=256, num_heads=8, ffn_dim=512, num_layers=2)
-    audio = dataclasses.replace(tiny.audio_dit, dim=128, num_heads=4, ffn_dim=256, num_layers=2)
+    video = dataclasses.replace(tiny.video_dit, dim=256, num_heads=8, ffn_dim=512, num_layers=1)
+    audio = dataclasses.replace(tiny.audio_dit, dim=128, num_heads=4, ffn_dim=256, num_layers=1)
     bridge = dataclasses.replace(
-        tiny.dual_tower_bridge, visual_layers=2, audio_layers=2, visual_hidden_dim=256, audio_hidden_dim=128
+        tiny.dual_tower_bridge, visual_layers=1, audio_layers=1, visual_hidden_dim=256, audio_hidden_dim=128
     )
     return dataclasses.replace(tiny, video_dit=video, audio_dit=audio, dual_tower_bridge=bridge, name="mid")
 

@@ -8,7 +8,7 @@ Weights and optimizer state are sized from the real (LoRA-injected) model's para
   gathered working set, modelled as `stage3_max_live_parameters` + `stage3_prefetch_bucket_size` elements (DeepSpeed's
   cap on gathered parameters), at most the components a micro-step runs, in the base dtype;
 - trainable: adapters in their dtype, gradients in the same dtype, AdamW's two fp32 moments; under DeepSpeed the
-  gradients, an fp32 master copy (bf16 only) and the moments are partitioned over the world (ZeRO-2/3), the adapters
+  gradients, fp32 master copies with their gradients (bf16 only) and the moments are partitioned over the world (ZeRO-2/3), the adapters
   too under ZeRO-3; `offload_param` / `offload_optimizer` move those partitions to pinned host memory.
 
 Figures are tensor bytes. The CUDA context, NCCL buffers and allocator fragmentation come on top (typically 1-3 GB).
@@ -88,14 +88,16 @@ def plan_memory(fig: StepFigures, ex: Execution, expert_mode: str) -> MemoryPlan
         gpu["adapter gradients"] = n * size
         gpu["optimizer state (AdamW m, v fp32)"] = n * ADAM_MOMENT_BYTES
     else:
-        master = 4 if size < 4 else 0  # DeepSpeed keeps an fp32 master copy of bf16 parameters
+        master = (
+            8 if size < 4 else 0
+        )  # DeepSpeed keeps fp32 master copies of bf16 parameters and their gradients
         gpu["adapters"] = n * size // (world if ex.zero_stage == 3 else 1)
         gpu["adapter gradients (partitioned)"] = n * size // world
         optimizer = n * (master + ADAM_MOMENT_BYTES) // world
         if ex.offload("optimizer"):
             host["optimizer state (offload_optimizer)"] = optimizer
             optimizer = 0
-        gpu["optimizer state (fp32 master + AdamW m, v, partitioned)"] = optimizer
+        gpu["optimizer (fp32 master + grad, AdamW m, v; partitioned)"] = optimizer
     gpu["activation peak"] = fig.activation_peak
     return MemoryPlan(gpu, host, resident, notes)
 
@@ -192,6 +194,7 @@ def build_report(fig: StepFigures, ex: Execution, cfg, shape: ClipShape, gpu_mem
         "kernels_per_step": fig.kernels * gas, "matmul_kernels_per_step": fig.matmul_kernels * gas,
         "notes": plan.notes, "advice": [] if plan.total <= gpu_bytes else advice(plan, fig, ex, cfg, shape, gpu_bytes),
         "simulation_seconds": round(seconds, 1),
+        "step": dataclasses.asdict(fig),  # one micro-step as measured (build_report can be re-run from it)
     }  # fmt: skip
     return report
 

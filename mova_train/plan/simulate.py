@@ -162,6 +162,17 @@ def build_planned_model(cfg: TrainConfig, config: MovaConfig, ex: Execution) -> 
     return model
 
 
+def materialize(model: nn.Module) -> None:
+    """Every `meta` parameter replaced by an uninitialised one of the same shape and dtype on the current default
+    device (fake inside `fake_device`; `Module.to_empty` would convert each meta tensor first, much slower)."""
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None and p.is_meta:
+                module._parameters[name] = nn.Parameter(
+                    torch.empty(p.shape, dtype=p.dtype, device="cpu"), requires_grad=p.requires_grad
+                )
+
+
 def parameter_bytes(model: nn.Module) -> tuple[dict[str, dict[str, int]], int]:
     """Per component: frozen bytes and numel, trainable numel; and the trainable parameters' element size."""
     out: dict[str, dict[str, int]] = {}
@@ -177,6 +188,24 @@ def parameter_bytes(model: nn.Module) -> tuple[dict[str, dict[str, int]], int]:
                 entry["frozen_bytes"] += p.numel() * p.element_size()
         out[name] = entry
     return out, trainable_size
+
+
+def planned_expert(model: nn.Module, objective: FlowMatchingObjective, search: int = 1000) -> tuple[str, int]:
+    """(expert, micro-step) to simulate: of the experts the objective runs, the one with the most adapter parameters
+    (it saves the most for backward), and the first micro-step that runs it."""
+    chosen = [objective.chooser.expert(i) for i in range(search)]
+    runs = [e for e in EXPERTS if e in chosen]
+    missing = [e for e in runs if e not in model.components]
+    if missing:
+        raise ConfigValueError(
+            f"objective.expert={objective.cfg.expert!r} runs {missing}, which is not loaded"
+        )
+
+    def adapters(name: str) -> int:
+        return sum(p.numel() for p in getattr(model, name).parameters() if p.requires_grad)
+
+    expert = max(runs, key=lambda e: (adapters(e), -EXPERTS.index(e)))
+    return expert, chosen.index(expert)
 
 
 def run_micro_step(model: nn.Module, objective: FlowMatchingObjective, inputs, ex: Execution, cfg: TrainConfig,
@@ -206,11 +235,12 @@ def simulate_step(cfg: TrainConfig, config: MovaConfig, ex: Execution, shape: Cl
             f"--sp {ex.sp}: {video_tokens} video tokens do not split evenly; choose frames/size with a multiple of {ex.sp}"
         )
     b = shape.batch
+    expert, micro_step = planned_expert(model, objective)
     # The micro-step's inputs, drawn for real on the host as the trainer draws them (small: latents, not pixels).
     inputs = objective.prepare(
         torch.zeros(b, config.video_latent_dim, t, h, w), torch.zeros(b, config.video_latent_dim, t, h, w),
         torch.zeros(b, config.audio_latent_dim, audio_tokens), torch.zeros(b, config.text_len, config.text_dim),
-        micro_step=0, generator=torch.Generator().manual_seed(cfg.trainer.seed),
+        micro_step=micro_step, generator=torch.Generator().manual_seed(cfg.trainer.seed),
     )  # fmt: skip
     if inputs.expert not in model.components:
         raise ConfigValueError(
@@ -218,7 +248,7 @@ def simulate_step(cfg: TrainConfig, config: MovaConfig, ex: Execution, shape: Cl
         )
     tracker = StepTracker()
     with fake_device(cuda_autocast=ex.cuda_autocast):
-        model.to_empty(device="cpu")
+        materialize(model)
         for p in model.parameters():
             if (
                 p.requires_grad
