@@ -19,6 +19,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map
@@ -74,13 +75,44 @@ def clear_model_caches() -> None:
 
 
 @contextlib.contextmanager
+def _entered(*contexts):
+    with contextlib.ExitStack() as stack:
+        for c in contexts:
+            stack.enter_context(c)
+        yield
+
+
+@contextlib.contextmanager
+def _function_mode_in_recompute(make_mode):
+    """torch 2.13 runs a checkpoint's recompute (inside backward) without the caller's TorchFunctionMode, so the
+    autocast emulation would recompute other dtypes than the forward saved; `torch.utils.checkpoint.checkpoint` is
+    wrapped for the simulation so that its recompute context also enters `make_mode()`."""
+    original = torch.utils.checkpoint.checkpoint
+
+    @functools.wraps(original)
+    def checkpoint(function, *args, context_fn=torch.utils.checkpoint.noop_context_fn, **kwargs):
+        def contexts():
+            forward, recompute = context_fn()
+            return forward, _entered(recompute, make_mode())
+
+        return original(function, *args, context_fn=contexts, **kwargs)
+
+    torch.utils.checkpoint.checkpoint = checkpoint
+    try:
+        yield
+    finally:
+        torch.utils.checkpoint.checkpoint = original
+
+
+@contextlib.contextmanager
 def fake_device(*, cuda_autocast: bool):
     """Fake tensors everywhere inside; yields the FakeTensorMode (its `from_tensor` converts real tensors)."""
     clear_model_caches()
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cuda_autocast else contextlib.nullcontext()
     try:
-        with mode, HostAndAutocast(cuda_autocast), autocast:
+        recompute = _function_mode_in_recompute(lambda: HostAndAutocast(cuda_autocast))
+        with mode, HostAndAutocast(cuda_autocast), autocast, recompute:
             yield mode
     finally:
         clear_model_caches()
