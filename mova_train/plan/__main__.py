@@ -59,7 +59,10 @@ def compose(overrides: list[str]):
     try:
         raw = compose_config(overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigValueError(str(e).strip().splitlines()[0]) from None
+        cause = str(e.__cause__).strip().splitlines()[:1] if e.__cause__ else []  # "Key 'x' is not in struct"
+        text = str(e).split("Config search path")[0]  # Hydra's search path: noise here
+        lines = [line.strip() for line in text.splitlines() + cause if line.strip()]
+        raise ConfigValueError(" ".join(lines)) from None
     group = OmegaConf.select(raw, "hydra.runtime.choices.model")
     raw = OmegaConf.masked_copy(raw, [k for k in raw if k != "hydra"])
     for key in ("model.checkpoint", "data.shards"):  # the planner reads neither
