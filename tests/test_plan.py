@@ -148,7 +148,7 @@ def test_cli_prints_every_figure_and_json_adds_up(capsys):
     assert not report["fits"] and report["advice"]  # 1 MB cannot hold it: settings to change, largest first
     assert any("deepspeed=zero3" in a for a in report["advice"])
     text = format_text(report)
-    for needle in ("frozen base", "adapters", "activation peak", "total", "Pinned host RAM per rank", "TFLOP",
+    for needle in ("frozen base", "adapters", "activation peak", "total", "Pinned host RAM per rank", "FLOP (forward",
                    "moved by non-matmul ops", "kernels", "does NOT fit", "To fit, change"):  # fmt: skip
         assert needle in text, needle
 

@@ -199,6 +199,13 @@ def build_report(fig: StepFigures, ex: Execution, cfg, shape: ClipShape, gpu_mem
     return report
 
 
+def _scaled(value: float, unit: str) -> str:
+    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:,.2f} {prefix}{unit}"
+    return f"{value:,.0f} {unit}"
+
+
 def format_text(r: dict) -> str:
     c = r["clip"]
     lines = [
@@ -213,15 +220,15 @@ def format_text(r: dict) -> str:
         "Per GPU:",
     ]
     for name, value in r["memory_bytes"].items():
-        lines.append(f"  {name:<58} {value / GB:9.2f} GB {value / GIB:9.2f} GiB")
-    lines.append(f"  {'total':<58} {r['total_gb']:9.2f} GB {r['total_gib']:9.2f} GiB "
+        lines.append(f"  {name:<58} {value / GB:9.3f} GB {value / GIB:9.3f} GiB")
+    lines.append(f"  {'total':<58} {r['total_gb']:9.3f} GB {r['total_gib']:9.3f} GiB "
                  f"({'fits' if r['fits'] else 'does NOT fit'} in {r['gpu_memory_gb']:g} GB)")  # fmt: skip
     lines.append(f"Pinned host RAM per rank: {r['pinned_host_total_bytes'] / GB:.2f} GB" + "".join(
         f"; {k} {v / GB:.2f} GB" for k, v in r["pinned_host_bytes"].items() if v))  # fmt: skip
     lines.append(
         f"Per optimizer step per GPU ({r['gradient_accumulation_steps']} micro-step(s)): "
-        f"{r['flops_per_step'] / 1e12:,.1f} TFLOP (forward + backward + recompute), "
-        f"{r['non_matmul_bytes_per_step'] / 1e12:,.2f} TB moved by non-matmul ops, "
+        f"{_scaled(r['flops_per_step'], 'FLOP')} (forward + backward + recompute), "
+        f"{_scaled(r['non_matmul_bytes_per_step'], 'B')} moved by non-matmul ops, "
         f"{r['kernels_per_step']:,} kernels ({r['matmul_kernels_per_step']:,} matmul/attention)"
     )
     lines += [f"Note: {n}" for n in r["notes"]]
