@@ -53,6 +53,7 @@ class MemoryPlan:
 
 
 def plan_memory(fig: StepFigures, ex: Execution, expert_mode: str) -> MemoryPlan:
+    """Per-GPU bytes of `fig`'s model under `ex` (the module docstring says how each part is sized)."""
     components = tuple(fig.params)
     resident_experts = experts_resident(components, expert_mode)
     resident = [c for c in components if c not in EXPERTS or c in resident_experts]
@@ -88,9 +89,8 @@ def plan_memory(fig: StepFigures, ex: Execution, expert_mode: str) -> MemoryPlan
         gpu["adapter gradients"] = n * size
         gpu["optimizer state (AdamW m, v fp32)"] = n * ADAM_MOMENT_BYTES
     else:
-        master = (
-            8 if size < 4 else 0
-        )  # DeepSpeed keeps fp32 master copies of bf16 parameters and their gradients
+        # DeepSpeed keeps fp32 master copies of bf16 parameters and their gradients
+        master = 8 if size < 4 else 0
         gpu["adapters"] = n * size // (world if ex.zero_stage == 3 else 1)
         gpu["adapter gradients (partitioned)"] = n * size // world
         optimizer = n * (master + ADAM_MOMENT_BYTES) // world

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mova_train.codecs.dac import DacConfig
 from mova_train.config import TrainConfig, required_components
 from mova_train.errors import ConfigValueError
 from mova_train.lora import apply_lora, as_lora_config
@@ -27,9 +28,9 @@ from mova_train.plan.fake import PlannedShard, fake_device
 from mova_train.plan.tracker import StepTracker
 from mova_train.training.distributed import resolve_runtime
 from mova_train.training.objective import FlowMatchingObjective
+from mova_train.training.trainer import DTYPES
 
-AUDIO_SAMPLE_RATE = 48_000  # DAC input rate; 960 samples per audio latent frame (models.config.num_tokens)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+AUDIO_CODEC = DacConfig()  # the released DAC: 48 kHz, one latent frame per 960 samples
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class ClipShape:
 
     @property
     def audio_samples(self) -> int:
-        return round(self.frames / self.fps * AUDIO_SAMPLE_RATE)
+        return round(self.frames / self.fps * AUDIO_CODEC.sample_rate)
 
     def latent_grid(self) -> tuple[int, int, int]:
         return (self.frames - 1) // 4 + 1, self.height // 8, self.width // 8
@@ -67,7 +68,7 @@ class ClipShape:
     def tokens(self, config: MovaConfig) -> tuple[int, int]:
         return num_tokens(
             config, num_frames=self.frames, height=self.height, width=self.width,
-            num_audio_samples=self.audio_samples,
+            num_audio_samples=self.audio_samples, hop=AUDIO_CODEC.hop_length,
         )  # fmt: skip
 
 
