@@ -149,9 +149,8 @@ def validate_config(cfg: TrainConfig, *, check_files: bool = True) -> TrainConfi
     lora = as_lora_config(cfg.lora)  # its own validation names lora.* fields
     if check_files:
         check_shards_folder("data.shards", cfg.data.shards)
-    cfg.data.validated(
-        check_shards=check_files
-    )  # names data.* fields; the shards must exist before any run dir
+    # names data.* fields; the shards must exist before any run dir
+    cfg.data.validated(check_shards=check_files)
     cfg.optim.validate()
     cfg.deepspeed.validate()
     cfg.parallel.validate()
