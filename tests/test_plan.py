@@ -13,7 +13,7 @@ from torch._C._profiler import _EventType
 from mova_train.config import compose_config, to_train_config
 from mova_train.models.config import get_model_config
 from mova_train.plan.__main__ import main
-from mova_train.plan.report import format_text
+from mova_train.plan.report import format_text, plan_memory
 from mova_train.plan.simulate import (
     ClipShape,
     Execution,
@@ -168,3 +168,25 @@ def test_bad_input_is_one_line(capsys, argv, needle):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
+
+
+def test_zero3_partitions_the_base_over_the_world(mid_plan):
+    """Weights and optimizer state from the model's parameters: ZeRO-3 holds 1/world of the base (plus the gathered
+    working set), both loaded experts are resident today, and the activation peak does not depend on the world."""
+    zero3 = {
+        "zero_optimization": {
+            "stage": 3,
+            "stage3_max_live_parameters": 1000,
+            "stage3_prefetch_bucket_size": 0,
+        }
+    }
+    one, four = (
+        plan_memory(mid_plan, Execution("bf16", zero3, gpus, 1), "alternate") for gpus in (1, 4)
+    )  # fmt: skip
+    assert set(one.resident) == set(mid_plan.params)  # both experts, the audio tower and the bridge
+    base = sum(p["frozen_bytes"] for p in mid_plan.params.values())
+    assert one.parts["frozen base (ZeRO-3 partition)"] == base
+    assert four.parts["frozen base (ZeRO-3 partition)"] == round(base / 4)
+    assert four.parts["frozen base (gathered working set)"] == 1000 * 4  # fp32 base: 1,000 live elements
+    assert four.parts["activation peak"] == one.parts["activation peak"] == mid_plan.activation_peak
+    assert four.total == sum(four.parts.values()) < one.total
