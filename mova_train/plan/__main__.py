@@ -125,14 +125,14 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mova_train.plan.report import format_json, format_text
-
     argv = sys.argv[1:] if argv is None else argv
     try:
-        report = run(argv)
+        report = run(argv)  # parses first: --help loads no torch
     except ValueError as e:  # ConfigValueError, and the model's ConfigError / CheckpointError
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from mova_train.plan.report import format_json, format_text
+
     print(format_json(report) if "--json" in argv else format_text(report))
     return 0
 
