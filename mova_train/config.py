@@ -133,8 +133,9 @@ def required_components(cfg: TrainConfig) -> tuple[str, ...]:
     return tuple(c for c in COMPONENTS if c in experts or c not in EXPERTS)
 
 
-def validate_config(cfg: TrainConfig) -> TrainConfig:
+def validate_config(cfg: TrainConfig, *, check_files: bool = True) -> TrainConfig:
     """Check every field a user sets; raise ConfigValueError (a ValueError) naming the field. Returns cfg.
+    `check_files=False` (the memory planner) skips what needs the user's files: checkpoint, shards, images, resume.
 
     First each group's own validation (model, objective, lora, data, optim, deepspeed, parallel, tracking, trainer,
     eval), then what needs several groups or the file system. Touches only the file system (checkpoint folder,
@@ -147,8 +148,10 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
     o.validate()
     lora = as_lora_config(cfg.lora)  # its own validation names lora.* fields
     m.check_memory_modes(deepspeed=cfg.deepspeed.config is not None, use_dora=lora.use_dora)
-    check_shards_folder("data.shards", cfg.data.shards)
-    cfg.data.validated(check_shards=True)  # names data.* fields; the shards must exist before any run dir
+    if check_files:
+        check_shards_folder("data.shards", cfg.data.shards)
+    # names data.* fields; the shards must exist before any run dir
+    cfg.data.validated(check_shards=check_files)
     cfg.optim.validate()
     cfg.deepspeed.validate()
     cfg.parallel.validate()
@@ -157,8 +160,8 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
     cfg.eval.validate()
 
     # the checkpoint folder
-    ckpt = resolve_path(m.checkpoint, field_name="model.checkpoint")
-    if not (ckpt / MODEL_INDEX_NAME).is_file():
+    ckpt = resolve_path(m.checkpoint, field_name="model.checkpoint", must_exist=check_files)
+    if check_files and not (ckpt / MODEL_INDEX_NAME).is_file():
         raise ConfigValueError(f"model.checkpoint={m.checkpoint!r}: {ckpt} has no {MODEL_INDEX_NAME}")
 
     # components: what is loaded must cover what the objective runs
@@ -194,7 +197,7 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
             )
 
     # the adapter to start from: readable and describing the same LoRA (the model is not loaded yet)
-    if lora.init_from:
+    if lora.init_from and check_files:
         from mova_train.lora.init_from import check_init_compatible, read_init_adapter  # imports peft
 
         check_init_compatible(
@@ -202,16 +205,16 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
         )
 
     # held-out shards, the eval prompts' images, the DeepSpeed JSON, a resume path
-    if cfg.eval.heldout_shards:
+    if cfg.eval.heldout_shards and check_files:
         check_shards_folder("eval.heldout_shards", cfg.eval.heldout_shards)
         check_shard_spec("eval.heldout_shards", cfg.eval.heldout_shards)
-    for where, image in cfg.eval.reference_images():
+    for where, image in cfg.eval.reference_images() if check_files else ():
         check_image_file(resolve_path(image, field_name=where), where)
     if cfg.deepspeed.config is not None:
         path = resolve_path(cfg.deepspeed.config, field_name="deepspeed.config")
         ds = read_deepspeed_json(path, where=f"deepspeed.config={cfg.deepspeed.config!r}")
         check_deepspeed_json(ds, where=f"deepspeed.config: {path}")
-    if cfg.trainer.resume not in ("auto", "never"):
+    if cfg.trainer.resume not in ("auto", "never") and check_files:
         resolve_path(cfg.trainer.resume, field_name="trainer.resume")
 
     # the launcher's world size (accelerate launch / torchrun set it) must split into sequence-parallel groups
