@@ -170,7 +170,7 @@ def test_bad_input_is_one_line(capsys, argv, needle):
     assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
 
 
-def test_zero3_partitions_the_base_over_the_world(mid_plan):
+def test_zero3_partitions_the_base_over_the_world(mid_plan, mid_cfg):
     """Weights and optimizer state from the model's parameters: ZeRO-3 holds 1/world of the base (plus the gathered
     working set), both loaded experts are resident today, and the activation peak does not depend on the world."""
     zero3 = {
@@ -181,7 +181,7 @@ def test_zero3_partitions_the_base_over_the_world(mid_plan):
         }
     }
     one, four = (
-        plan_memory(mid_plan, Execution("bf16", zero3, gpus, 1), "alternate") for gpus in (1, 4)
+        plan_memory(mid_plan, Execution("bf16", zero3, gpus, 1), mid_cfg) for gpus in (1, 4)
     )  # fmt: skip
     assert set(one.resident) == set(mid_plan.params)  # both experts, the audio tower and the bridge
     base = sum(p["frozen_bytes"] for p in mid_plan.params.values())
@@ -190,3 +190,42 @@ def test_zero3_partitions_the_base_over_the_world(mid_plan):
     assert four.parts["frozen base (gathered working set)"] == 1000 * 4  # fp32 base: 1,000 live elements
     assert four.parts["activation peak"] == one.parts["activation peak"] == mid_plan.activation_peak
     assert four.total == sum(four.parts.values()) < one.total
+
+
+def test_memory_modes_are_planned_through_the_trainers_code(mid_plan, mid_cfg):
+    """Expert residency, block streaming, activation offload and fp8 move bytes where the trainer's code puts them:
+    the residency rule and the streamer's block sizes for weights, the offload's real host copies (counted by the
+    tracker) for activations, the float8 weights of `apply_fp8_base`."""
+    plain = plan_memory(mid_plan, FP32, dataclasses.replace(mid_cfg, objective=dataclasses.replace(
+        mid_cfg.objective, idle_expert="device")))  # fmt: skip
+    experts = [c for c in mid_plan.params if c.startswith("video_dit")]
+    assert len(experts) == 2 and set(plain.resident) == set(mid_plan.params) and not plain.host_total
+    resident = plan_memory(mid_plan, FP32, mid_cfg)  # idle_expert=host (the default), no DeepSpeed
+    idle = [c for c in experts if c != mid_plan.expert]
+    assert resident.resident == [c for c in mid_plan.params if c not in idle]
+    assert resident.host_parts["idle experts"] == mid_plan.params[idle[0]]["frozen_bytes"]
+    assert (
+        plain.parts["frozen base"] - resident.parts["frozen base"] == mid_plan.params[idle[0]]["frozen_bytes"]
+    )
+
+    block = mid_plan.params[mid_plan.expert]["block_frozen_bytes"]
+    streamed_cfg = dataclasses.replace(mid_cfg, model=dataclasses.replace(mid_cfg.model, offload_blocks=1))
+    streamed = plan_memory(mid_plan, FP32, streamed_cfg)
+    assert streamed.parts["frozen base"] == resident.parts["frozen base"] - block
+    assert streamed.parts["streamed blocks in flight"] == block  # the mid model has one block per tower
+    assert streamed.host_parts["streamed blocks (model.offload_blocks)"] == block
+
+    lean = dataclasses.replace(
+        mid_cfg, model=dataclasses.replace(mid_cfg.model, activation_offload=True, base_dtype="fp8")
+    )
+    offloaded = simulate_step(lean, mid_config(), FP32, MID_SHAPE)
+    video = mid_plan.params[mid_plan.expert]
+    assert offloaded.offloaded_activation_peak > 0
+    assert offloaded.activation_peak <= mid_plan.activation_peak - offloaded.offloaded_activation_peak // 2
+    fp8_block = offloaded.params[mid_plan.expert]["block_frozen_bytes"]
+    assert (
+        fp8_block < 0.35 * video["block_frozen_bytes"]
+    )  # the block's linears: fp32 -> float8 + fp32 row scales
+    assert (
+        plan_memory(offloaded, FP32, lean).host_parts["offloaded activations (model.activation_offload)"] > 0
+    )

@@ -10,7 +10,7 @@ have no GPU) exercise all but the streams.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -38,6 +38,10 @@ class OffloadedForward:
     prefetched at a time).
     """
 
+    # The context host copies are allocated in; the planner (`mova_train.plan`), whose fake device is the CPU,
+    # sets it to count them as host memory.
+    host_allocation = staticmethod(nullcontext)
+
     def __init__(self, stats: dict | None = None) -> None:
         self.regions: list[list[_HostCopy]] = []
         self.stats = stats  # counters for tests and benchmarks: tensors, bytes, devices of the host copies
@@ -56,7 +60,8 @@ class OffloadedForward:
             cuda = t.is_cuda
             # empty_like keeps a dense tensor's strides (e.g. a transposed patch embedding), so the recompute
             # sees the layout the forward saw and gives the same bits
-            host = torch.empty_like(t, device="cpu", pin_memory=cuda)
+            with self.host_allocation():
+                host = torch.empty_like(t, device="cpu", pin_memory=cuda)
             copied = None
             if cuda:  # copied out on the side stream, so the forward's kernels go on meanwhile
                 stream = self._stream(t.device)

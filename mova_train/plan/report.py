@@ -52,17 +52,36 @@ class MemoryPlan:
         return sum(self.host_parts.values())
 
 
-def plan_memory(fig: StepFigures, ex: Execution, expert_mode: str) -> MemoryPlan:
-    """Per-GPU bytes of `fig`'s model under `ex` (the module docstring says how each part is sized)."""
+def plan_memory(fig: StepFigures, ex: Execution, cfg, expert_mode: str | None = None) -> MemoryPlan:
+    """Per-GPU bytes of `fig`'s model under `ex` (the module docstring says how each part is sized); `expert_mode`
+    re-plans with another `objective.expert`."""
     components = tuple(fig.params)
-    resident_experts = experts_resident(components, expert_mode)
+    resident_experts = experts_resident(cfg, components, ex.zero_stage, fig.expert, expert_mode)
     resident = [c for c in components if c not in EXPERTS or c in resident_experts]
     frozen = sum(fig.params[c]["frozen_bytes"] for c in resident)
     host_frozen = sum(fig.params[c]["frozen_bytes"] for c in components if c not in resident)
+    # model.offload_blocks: the last K blocks of each expert live on the host; at most two are on the GPU at once
+    # (the one running and the one prefetched: models.streaming)
+    k = int(getattr(cfg.model, "offload_blocks", 0) or 0)
+    streamed = {c: min(k, fig.params[c].get("num_blocks", 0)) * fig.params[c].get("block_frozen_bytes", 0)
+                for c in components if c in EXPERTS}  # fmt: skip
+    in_flight = max(
+        (min(2, k, fig.params[c].get("num_blocks", 0)) * fig.params[c].get("block_frozen_bytes", 0)
+         for c in resident if c in EXPERTS), default=0,
+    )  # fmt: skip
     notes = []
     world = ex.gpus
     gpu: dict[str, int] = {}
     host: dict[str, int] = {"idle experts": host_frozen}
+    if k > 0:
+        frozen -= sum(streamed[c] for c in resident if c in EXPERTS)
+        host["streamed blocks (model.offload_blocks)"] = sum(streamed[c] for c in resident if c in EXPERTS)
+    if host_frozen and len(resident_experts) < len([c for c in components if c in EXPERTS]):
+        # objective.idle_expert=host: every expert keeps one host copy for the run (training.residency), the active
+        # one's included (a switch only drops the GPU copy); its streamed blocks are the streamer's copy
+        host["active expert's host copy (expert residency)"] = sum(
+            fig.params[c]["frozen_bytes"] - streamed.get(c, 0) for c in resident_experts
+        )
     if ex.zero_stage == 3:
         numel = sum(fig.params[c]["frozen_numel"] for c in resident)
         active = sum(fig.params[c]["frozen_numel"] for c in components if c not in EXPERTS or c == fig.expert)
@@ -82,6 +101,8 @@ def plan_memory(fig: StepFigures, ex: Execution, expert_mode: str) -> MemoryPlan
         )
     else:
         gpu["frozen base"] = frozen
+        if k > 0:
+            gpu["streamed blocks in flight"] = in_flight
     n = sum(p["trainable_numel"] for p in fig.params.values())
     size = fig.trainable_dtype_bytes
     if ex.zero_stage == 0:
@@ -99,6 +120,8 @@ def plan_memory(fig: StepFigures, ex: Execution, expert_mode: str) -> MemoryPlan
             optimizer = 0
         gpu["optimizer (fp32 master + grad, AdamW m, v; partitioned)"] = optimizer
     gpu["activation peak"] = fig.activation_peak
+    if fig.offloaded_activation_peak:
+        host["offloaded activations (model.activation_offload)"] = fig.offloaded_activation_peak
     return MemoryPlan(gpu, host, resident, notes)
 
 
@@ -109,12 +132,11 @@ def advice(
     optimizer effects are re-planned exactly; activation effects are scaled from the measured peak (re-plan to
     confirm)."""
     options: list[tuple[float, str]] = []
-    mode = cfg.objective.expert
     zero3 = ex.ds_config if ex.zero_stage == 3 else {"zero_optimization": {"stage": 3}}
     for gpus in (2, 4, 8, 16, 32):
         if gpus <= ex.gpus or gpus % ex.sp:
             continue
-        total = plan_memory(fig, dataclasses.replace(ex, ds_config=zero3, gpus=gpus), mode).total
+        total = plan_memory(fig, dataclasses.replace(ex, ds_config=zero3, gpus=gpus), cfg).total
         if total <= gpu_bytes or gpus == 32:
             options.append(
                 (
@@ -131,7 +153,7 @@ def advice(
         alone = dataclasses.replace(
             fig, params={c: v for c, v in fig.params.items() if c not in EXPERTS or c == keep}
         )
-        saving = plan.total - plan_memory(alone, ex, f"only:{keep}").total
+        saving = plan.total - plan_memory(alone, ex, cfg, f"only:{keep}").total
         options.append(
             (
                 saving,
@@ -174,7 +196,7 @@ def advice(
 
 def build_report(fig: StepFigures, ex: Execution, cfg, shape: ClipShape, gpu_memory_gb: float, *,
                  seconds: float, model_name: str) -> dict:  # fmt: skip
-    plan = plan_memory(fig, ex, cfg.objective.expert)
+    plan = plan_memory(fig, ex, cfg)
     gas = cfg.trainer.gradient_accumulation_steps
     gpu_bytes = gpu_memory_gb * GB
     report = {

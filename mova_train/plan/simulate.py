@@ -9,6 +9,7 @@ shows up in the figures without the planner knowing about it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -19,16 +20,19 @@ from torch import nn
 from mova_train.codecs.dac import DacConfig
 from mova_train.config import TrainConfig, required_components
 from mova_train.errors import ConfigValueError
-from mova_train.lora import apply_lora, as_lora_config
+from mova_train.lora import apply_lora, as_lora_config, set_precision
 from mova_train.models import FlowMatchScheduler
 from mova_train.models.config import MovaConfig, num_tokens
+from mova_train.models.fp8 import apply_fp8_base
 from mova_train.models.mova import build_mova, set_activation_checkpointing, set_sequence_shard
+from mova_train.models.offload import OffloadedForward
 from mova_train.names import EXPERTS
 from mova_train.plan.fake import PlannedShard, fake_device
 from mova_train.plan.tracker import StepTracker
+from mova_train.training.backend import BASE_TORCH_DTYPES as DTYPES
 from mova_train.training.distributed import resolve_runtime
 from mova_train.training.objective import FlowMatchingObjective
-from mova_train.training.trainer import DTYPES
+from mova_train.training.residency import keeps_idle_expert_on_host, resident_experts
 
 AUDIO_CODEC = DacConfig()  # the released DAC: 48 kHz, one latent frame per 960 samples
 
@@ -141,19 +145,25 @@ class StepFigures:
     trainable_dtype_bytes: int
     video_tokens: int  # this rank's
     audio_tokens: int
+    offloaded_activation_peak: int = (
+        0  # bytes: peak of the activations model.activation_offload keeps on the host
+    )
 
 
 def build_planned_model(cfg: TrainConfig, config: MovaConfig, ex: Execution) -> nn.Module:
     """The trainer's model (`Trainer.build_model`) on `meta`: base in model.dtype, frozen, LoRA, checkpointing, SP."""
     components = tuple(cfg.model.components) if cfg.model.components else required_components(cfg)
     model = build_mova(config, components, device="meta", dtype=DTYPES[cfg.model.dtype])
+    if cfg.model.base_dtype == "fp8":  # as load_base: the frozen linears in float8 before LoRA wraps them
+        apply_fp8_base(model)
     for p in model.parameters():
         p.requires_grad_(False)
     apply_lora(model, as_lora_config(cfg.lora))
+    set_precision(model, cfg.model.precision)
     if ex.module_dtype is not None:
         model.to(ex.module_dtype)
     if cfg.model.activation_checkpointing:
-        set_activation_checkpointing(model, enabled=True)
+        set_activation_checkpointing(model, enabled=True, offload=cfg.model.activation_offload)
     if ex.sp > 1:
         try:
             set_sequence_shard(model, PlannedShard(0, ex.sp))
@@ -187,6 +197,14 @@ def parameter_bytes(model: nn.Module) -> tuple[dict[str, dict[str, int]], int]:
             else:
                 entry["frozen_numel"] += p.numel()
                 entry["frozen_bytes"] += p.numel() * p.element_size()
+        blocks = getattr(getattr(model, name), "blocks", None)
+        if (
+            name in EXPERTS and blocks is not None and len(blocks)
+        ):  # what model.offload_blocks streams, per block
+            entry["num_blocks"] = len(blocks)
+            entry["block_frozen_bytes"] = sum(
+                p.numel() * p.element_size() for p in blocks[0].parameters() if not p.requires_grad
+            )
         out[name] = entry
     return out, trainable_size
 
@@ -223,6 +241,16 @@ def run_micro_step(model: nn.Module, objective: FlowMatchingObjective, inputs, e
     (loss / cfg.trainer.gradient_accumulation_steps).backward()
 
 
+@contextlib.contextmanager
+def _host_copies_counted_by(tracker: StepTracker):
+    """The activation offload's host copies count as host memory while the step runs."""
+    OffloadedForward.host_allocation = tracker.host_scope
+    try:
+        yield
+    finally:
+        OffloadedForward.host_allocation = staticmethod(contextlib.nullcontext)
+
+
 def simulate_step(cfg: TrainConfig, config: MovaConfig, ex: Execution, shape: ClipShape) -> StepFigures:
     """Run one micro-step of `cfg` on fake tensors and measure it."""
     model = build_planned_model(cfg, config, ex)
@@ -255,7 +283,7 @@ def simulate_step(cfg: TrainConfig, config: MovaConfig, ex: Execution, shape: Cl
                 p.requires_grad
             ):  # gradients as after a first micro-step: their memory is counted with the adapters
                 p.grad = torch.zeros_like(p)
-        with tracker:
+        with tracker, _host_copies_counted_by(tracker):
             # the batch and the prepared inputs on the device
             fake = {k: torch.empty_like(v) for k, v in vars(inputs).items() if isinstance(v, torch.Tensor)}
             batch = [torch.empty_like(fake[k]) for k in ("noisy_video", "noisy_video", "noisy_audio", "text")]
@@ -263,6 +291,7 @@ def simulate_step(cfg: TrainConfig, config: MovaConfig, ex: Execution, shape: Cl
             del batch, fake
     return StepFigures(
         activation_peak=tracker.peak["cpu"],
+        offloaded_activation_peak=tracker.peak["host"],
         flops=tracker.flops,
         non_matmul_bytes=tracker.non_matmul_bytes,
         kernels=tracker.kernels,
@@ -275,8 +304,15 @@ def simulate_step(cfg: TrainConfig, config: MovaConfig, ex: Execution, shape: Cl
     )
 
 
-def experts_resident(components: tuple[str, ...], expert_mode: str) -> tuple[str, ...]:
-    """The video experts held on the GPU during training. Today `accelerate.prepare` moves every loaded component
-    to the GPU, so both experts are resident whenever both are loaded (objective.expert alternate/ratio). The one
-    place to change when the trainer keeps the idle expert on the host."""
-    return tuple(c for c in components if c in EXPERTS)
+def experts_resident(cfg: TrainConfig, components: tuple[str, ...], zero_stage: int, active: str,
+                     expert_mode: str | None = None) -> tuple[str, ...]:  # fmt: skip
+    """The video experts whose frozen weights are on the GPU during a micro-step that runs `active`: the trainer's
+    own rule (`training.residency.resident_experts`): with `objective.idle_expert=host` (not ZeRO-3) only the
+    active expert, else every loaded one."""
+    objective = (
+        cfg.objective if expert_mode is None else dataclasses.replace(cfg.objective, expert=expert_mode)
+    )
+    loaded = tuple(c for c in components if c in EXPERTS)
+    if keeps_idle_expert_on_host(objective, zero_stage=zero_stage):
+        return tuple(c for c in loaded if c == active)
+    return tuple(c for c in loaded if c in resident_experts(objective, zero_stage=zero_stage))

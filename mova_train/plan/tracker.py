@@ -10,6 +10,7 @@ the model keep it. The mode sits above `FakeTensorMode`, so it sees the same ops
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections import defaultdict
 
@@ -79,6 +80,17 @@ class StepTracker(TorchDispatchMode):
         self.flops = 0
         self._flop_formulas = flop_formulas()
         self._tracked: dict[int, tuple[str, int]] = {}
+        self._host = 0  # > 0 inside host_scope(): new storages are host memory (the fake device is the CPU)
+
+    @contextlib.contextmanager
+    def host_scope(self):
+        """Storages created inside count as pinned host memory ("host"), not the GPU's: the activation offload's
+        copies (`models.offload.OffloadedForward.host_allocation`)."""
+        self._host += 1
+        try:
+            yield
+        finally:
+            self._host -= 1
 
     def _free(self, key: int) -> None:
         device, n = self._tracked.pop(key, (None, 0))
@@ -91,7 +103,7 @@ class StepTracker(TorchDispatchMode):
         key = id(storage)
         if key in self._tracked:
             return
-        device, n = t.device.type, storage.nbytes()
+        device, n = ("host" if self._host else t.device.type), storage.nbytes()
         self._tracked[key] = (device, n)
         weakref.finalize(storage, self._free, key)
         self.live[device] += n
