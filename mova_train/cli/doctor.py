@@ -66,7 +66,7 @@ def check_environment(run_dir: Path) -> list[Check]:
                     f"cuda:{i} {p.name}, {gb:.0f} GiB, bf16 {'yes' if bf16 else 'NO'}",
                 )
             )
-            out.append(Check(INFO, "gpu", f"cuda:{i}: {memory_advice(gb)}"))
+            out.append(Check(INFO, "gpu", f"cuda:{i}: {memory_advice(p.total_memory / 1e9)}"))
     else:
         out.append(
             Check(WARN, "gpu", "no CUDA GPU: only the tiny model is practical (CPU, gloo backend, fp32)")
@@ -82,15 +82,36 @@ def check_environment(run_dir: Path) -> list[Check]:
     return out
 
 
-def memory_advice(gpu_gb: float) -> str:
-    """Which launch config fits one GPU of this size for full-size MOVA LoRA (bf16, activation checkpointing)."""
-    if gpu_gb >= 120:
-        return "fits one expert + audio + bridge in bf16 per GPU: launch/accelerate/zero2.yaml (or 1gpu.yaml)"
-    if gpu_gb >= 70:
-        return "use ZeRO-3 across GPUs (launch/accelerate/zero3.yaml) with activation checkpointing"
-    if gpu_gb >= 40:
-        return "use ZeRO-3 + CPU offload (launch/accelerate/zero3_offload.yaml), 360p, batch 1"
-    return "too small for the full-size model; train the tiny config or use more/larger GPUs"
+CONTEXT_MARGIN_GB = (
+    3.0  # CUDA context, NCCL buffers, allocator fragmentation: what the planner's tensor bytes lack
+)
+
+
+def memory_advice(gpu_gb: float, plans: Path | None = None) -> str:
+    """The memory recipe for one GPU of `gpu_gb` GB (1e9 bytes), from the planner's figures for the recipes
+    (configs/memory/plans.json, written by `python -m mova_train.plan --recipes`): the largest recipe whose planned
+    total plus the CUDA context fits."""
+    import json
+
+    from mova_train.config import PROJECT_ROOT
+
+    plans = plans or PROJECT_ROOT / "configs" / "memory" / "plans.json"
+    data = json.loads(Path(plans).read_text())
+    clip = data["clip"]
+    where = f"{clip['frames']} frames at {clip['height']}x{clip['width']}, {' '.join(data['command'].split()[3:4])}"
+    recipes = sorted(data["recipes"].items(), key=lambda kv: -kv[1]["gpu_memory_gb"])
+    for name, r in recipes:
+        if r["total_gb"] + CONTEXT_MARGIN_GB <= gpu_gb:
+            return (
+                f"+memory={name}: planned {r['total_gb']:.1f} GB per GPU and {r['pinned_host_gb']:.0f} GB pinned host "
+                f"RAM ({where}); several GPUs: launch/accelerate/zero3.yaml; `python -m mova_train.plan` for yours"
+            )
+    name, smallest = recipes[-1]
+    return (
+        f"smaller than every memory recipe (+memory={name} plans {smallest['total_gb']:.1f} GB for {where}): "
+        "train over several GPUs (ZeRO-3, sequence parallel), with fewer frames, or the tiny config; "
+        "`python -m mova_train.plan` says what fits"
+    )
 
 
 def check_checkpoint(checkpoint: Path) -> tuple[list[Check], str | None]:

@@ -44,6 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch", type=int, default=None, help="samples per GPU per micro-step (default data.batch_size)"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument(
+        "--recipes",
+        metavar="OUT",
+        default=None,
+        help="plan every memory recipe (configs/memory/gpuNN.yaml: +memory=gpuNN on top of the overrides, default "
+        "+experiment=voice_lora, with --gpu-memory NN) and write their figures to OUT (JSON; doctor and the README "
+        "read configs/memory/plans.json)",
+    )
     return p
 
 
@@ -124,9 +132,53 @@ def run(argv: list[str] | None = None) -> dict:
     )
 
 
+def recipe_names() -> list[str]:
+    """The memory recipes (configs/memory/gpuNN.yaml), largest GPU first."""
+    from mova_train.config import PROJECT_ROOT
+
+    names = [p.stem for p in (PROJECT_ROOT / "configs" / "memory").glob("gpu*.yaml")]
+    return sorted(names, key=lambda n: -int(n[3:]))
+
+
+def plan_recipes(argv: list[str]) -> dict:
+    """`--recipes OUT`: every recipe planned at its own GPU size (the overrides, default +experiment=voice_lora, plus
+    +memory=gpuNN and --gpu-memory NN); the figures doctor and the README quote."""
+    args = build_parser().parse_args(argv)
+    base = list(args.overrides) or ["+experiment=voice_lora"]
+    options = ["--gpus", str(args.gpus)]
+    for flag in ("sp", "frames", "height", "width", "batch"):
+        if getattr(args, flag) is not None:
+            options += [f"--{flag}", str(getattr(args, flag))]
+    out: dict = {"command": " ".join(["python -m mova_train.plan", *base, *options, "--recipes", "OUT"])}
+    out["recipes"] = {}
+    for name in recipe_names():
+        gb = int(name[3:])
+        r = run([*base, f"+memory={name}", *options, "--gpu-memory", str(gb)])
+        out["model"], out["clip"] = r["model"], r["clip"]
+        out["recipes"][name] = {
+            "gpu_memory_gb": gb, "total_gb": round(r["total_gb"], 2), "fits": r["fits"],
+            "activation_peak_gb": round(r["memory_bytes"]["activation peak"] / 1e9, 2),
+            "pinned_host_gb": round(r["pinned_host_total_bytes"] / 1e9, 2),
+            "memory_gb": {k: round(v / 1e9, 2) for k, v in r["memory_bytes"].items()},
+            "pinned_host_parts_gb": {k: round(v / 1e9, 2) for k, v in r["pinned_host_bytes"].items()},
+            "flops_per_step": r["flops_per_step"], "kernels_per_step": r["kernels_per_step"],
+        }  # fmt: skip
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
+        if any(a == "--recipes" or a.startswith("--recipes=") for a in argv):
+            import json
+
+            target = build_parser().parse_args(argv).recipes
+            plans = plan_recipes(argv)
+            Path(target).write_text(json.dumps(plans, indent=1) + "\n")
+            for name, r in plans["recipes"].items():
+                print(f"+memory={name}: {r['total_gb']:.2f} GB per GPU (of {r['gpu_memory_gb']}), "
+                      f"{r['pinned_host_gb']:.1f} GB pinned host RAM")  # fmt: skip
+            return 0
         report = run(argv)  # parses first: --help loads no torch
     except ValueError as e:  # ConfigValueError, and the model's ConfigError / CheckpointError
         print(f"error: {e}", file=sys.stderr)
