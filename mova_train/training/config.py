@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mova_train.errors import ConfigValueError, check_choice, check_float, check_int, fail
-from mova_train.names import COMPONENTS, EXPERTS
+from mova_train.names import ATTENTION_KERNELS, COMPONENTS, EXPERTS
 
 DTYPES = ("float32", "bfloat16")
 EXPERT_MODES = ("alternate", "ratio", *(f"only:{e}" for e in EXPERTS))
@@ -38,6 +38,9 @@ class ModelConfig:
     dtype: str = "bfloat16"  # dtype of the frozen base weights: float32 | bfloat16
     components: list[str] | None = None  # components to load; None = what the objective needs
     activation_checkpointing: bool = False  # recompute tower blocks and bridge layers in backward
+    # attention kernel on fp16/bf16 GPU tensors: auto (the fastest usable) | fa3 | fa2 | cudnn | sdpa
+    attention: str = "auto"
+    compile: bool = False  # torch.compile each tower block and bridge conditioner (regional)
 
     def validate(self) -> None:
         """Its own fields; whether the folder is a checkpoint and the components cover the objective are
@@ -47,8 +50,10 @@ class ModelConfig:
                 "model.checkpoint is not set: pass model.checkpoint=DIR (a MOVA checkpoint folder)"
             )
         check_choice("model.dtype", self.dtype, DTYPES)
-        if not isinstance(self.activation_checkpointing, bool):
-            fail("model.activation_checkpointing", self.activation_checkpointing, "expected true or false")
+        for name in ("activation_checkpointing", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                fail(f"model.{name}", getattr(self, name), "expected true or false")
+        check_choice("model.attention", self.attention, ATTENTION_KERNELS)
         if self.components is not None:
             for c in self.components:
                 check_choice("model.components", c, COMPONENTS)
