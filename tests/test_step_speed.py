@@ -171,9 +171,8 @@ def test_compiled_blocks_match_eager_outputs_and_lora_gradients():
 
 
 @pytest.fixture
-def restore_kernel():
-    yield
-    layers.set_attention_backend("auto", "cpu")
+def restore_kernel(monkeypatch):
+    monkeypatch.setattr(layers, "_attention_kernel", None)  # restored afterwards, whatever the test set
 
 
 def test_attention_kernel_choice_and_one_line_errors(restore_kernel, monkeypatch, caplog):
@@ -195,17 +194,22 @@ def test_attention_kernel_choice_and_one_line_errors(restore_kernel, monkeypatch
         ModelConfig(checkpoint="ckpt", compile="yes").validate()
 
     # the order `auto` follows on GPUs (the hardware queries answered as a Hopper / an Ampere / a Turing GPU would)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 90100)
-    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
-    monkeypatch.setattr(layers, "_fa3_func", object())
-    for capability, expected in (((9, 0), ["fa3", "cudnn", "fa2"]), ((8, 0), ["fa2", "cudnn"]), ((7, 5), [])):
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
-        assert layers.available_attention_kernels("cuda:0") == [*expected, "sdpa"]
-    monkeypatch.setattr(layers, "_fa3_func", None)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
-    assert layers.available_attention_kernels("cuda") == ["cudnn", "fa2", "sdpa"]
-    monkeypatch.undo()
+    with monkeypatch.context() as gpu:
+        gpu.setattr(torch.cuda, "is_available", lambda: True)
+        gpu.setattr(torch.backends.cudnn, "version", lambda: 90100)
+        gpu.setattr(torch.backends.cudnn, "is_available", lambda: True)
+        gpu.setattr(layers, "_fa3_func", object())
+        for capability, expected in (
+            ((9, 0), ["fa3", "cudnn", "fa2"]),
+            ((8, 0), ["fa2", "cudnn"]),
+            ((7, 5), []),
+        ):
+            gpu.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+            assert layers.available_attention_kernels("cuda:0") == [*expected, "sdpa"]
+        gpu.setattr(layers, "_fa3_func", None)
+        gpu.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+        assert layers.available_attention_kernels("cuda") == ["cudnn", "fa2", "sdpa"]
+        assert layers.set_attention_backend("auto", "cuda") == "cudnn"
 
     # a GPU kernel chosen, CPU fp32 tensors given: SDPA runs, the same values, and the log says so once
     monkeypatch.setattr(layers, "_attention_kernel", "cudnn")

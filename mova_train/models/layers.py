@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - depends on the machine
 
 logger = logging.getLogger(__name__)
 ATTENTION_BACKENDS = ATTENTION_KERNELS
-_attention_kernel = "sdpa"  # what runs on half-precision CUDA tensors; set_attention_backend resolves `auto`
+_attention_kernel: str | None = None  # runs on half-precision CUDA tensors; None: `auto`, on the first call
 _logged_kernels: set[str] = set()
 
 
@@ -94,8 +94,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     """Full (unmasked) attention with scale 1/sqrt(d). q [B, Lq, H, d], k/v [B, Lk, H, d] -> [B, Lq, H*d].
 
     The chosen kernel runs on CUDA tensors of one half-precision dtype; anything else (CPU, fp32) runs SDPA."""
+    global _attention_kernel
     b, lq, h, d = q.shape
-    kernel = _attention_kernel
+    if _attention_kernel is None and q.is_cuda:  # no set_attention_backend call (sampling): `auto`
+        _attention_kernel = available_attention_kernels(q.device)[0]
+    kernel = _attention_kernel or "sdpa"
     half = q.dtype in (torch.float16, torch.bfloat16) and q.dtype == k.dtype == v.dtype
     why = ""
     if kernel != "sdpa" and not (q.is_cuda and half):
