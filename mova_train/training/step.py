@@ -57,7 +57,7 @@ class StepAccumulator:
         timesteps_audio: torch.Tensor,
     ) -> None:
         """One micro-step; the losses stay on the device, the timesteps on the host."""
-        self.losses += torch.stack([loss.detach(), loss_video.detach(), loss_audio.detach()]).double()
+        self.losses += torch.stack([x.detach().double() for x in (loss, loss_video, loss_audio)])
         self.samples += samples
         self.tokens += tokens
         if timesteps.device.type != "cpu" or timesteps_audio.device.type != "cpu":
