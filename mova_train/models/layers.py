@@ -29,7 +29,6 @@ except ImportError:  # pragma: no cover - depends on the machine
     _fa2_func = None
 
 logger = logging.getLogger(__name__)
-ATTENTION_BACKENDS = ATTENTION_KERNELS
 _attention_kernel: str | None = None  # runs on half-precision CUDA tensors; None: `auto`, on the first call
 _logged_kernels: set[str] = set()
 

@@ -210,18 +210,6 @@ def sum_across_ranks(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_gather_floats(values: list[float], device: torch.device, length: int) -> list[list[float]]:
-    """Gather a short float list per rank (padded to `length` with NaN), returned per rank without the padding."""
-    t = torch.full((length,), math.nan, dtype=torch.float64, device=device)
-    if values:
-        t[: len(values)] = torch.tensor(values[:length], dtype=torch.float64)
-    if not is_distributed():
-        return [values[:length]]
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t)
-    return [[v for v in o.tolist() if not math.isnan(v)] for o in out]
-
-
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not is_distributed():
         return obj
