@@ -33,7 +33,7 @@ from mova_train.config import (
 from mova_train.data.loader import build_loader
 from mova_train.lora import apply_lora, as_lora_config, load_init_adapter
 from mova_train.models import FlowMatchScheduler, set_activation_checkpointing, set_attention_backend
-from mova_train.models.compile import compile_blocks
+from mova_train.models.compile import check_compile_batch, compile_blocks
 from mova_train.run_layout import list_checkpoints, samples_file
 from mova_train.training import checkpointer as checkpoints
 from mova_train.training.backend import build_backend, load_base
@@ -94,12 +94,8 @@ class Trainer:
         self.cfg = keep_global_batch(self.cfg, int(os.environ.get("WORLD_SIZE", "1")))  # elastic resume
         self.mixed_precision, self.ds_config = resolve_runtime(self.cfg)
         self.zero_stage = int(self.ds_config["zero_optimization"]["stage"]) if self.ds_config else 0
-        gpu = (
-            torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            if torch.cuda.is_available()
-            else None
-        )
-        set_attention_backend(self.cfg.model.attention, gpu or "cpu")  # a kernel this machine lacks: one line
+        gpu = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+        set_attention_backend(self.cfg.model.attention, gpu)  # a kernel this machine lacks: one-line error
 
     def start_processes(self) -> None:
         if self.cfg.trainer.num_threads:
@@ -143,9 +139,8 @@ class Trainer:
         if cfg.model.activation_checkpointing:
             set_activation_checkpointing(model, enabled=True)
         if cfg.model.compile:
-            logger.info(
-                "model.compile: %d tower blocks and bridge conditioners compiled", compile_blocks(model)
-            )
+            check_compile_batch(cfg.data.batch_size, self.device.type)
+            logger.info("model.compile: %d blocks and bridge conditioners compiled", compile_blocks(model))
         self.layout = apply_sequence_parallel(model, cfg.parallel, self.rank, self.world_size)
         model.train()
         self.model = model
