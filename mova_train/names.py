@@ -32,6 +32,9 @@ BOUNDARY_RATIO = 0.9
 
 # The frozen codecs, in the order codecs are loaded and listed. (The codec identity hashes them sorted by name,
 # so it does not depend on this order.)
+# Attention kernels `model.attention` may name (mova_train.models.layers runs them; auto = the fastest usable one)
+ATTENTION_KERNELS = ("auto", "fa3", "fa2", "cudnn", "sdpa")
+
 CODEC_COMPONENTS = ("video_vae", "audio_vae", "text_encoder")
 TOKENIZER_DIR = "tokenizer"  # the text encoder's tokenizer files, beside the component folders
 

@@ -1,5 +1,6 @@
 """Batches: the `Batch` type, the key that decides which samples may share a batch (bucket, frame count, shapes,
-dtypes), and the collation of same-key samples (text embeddings zero-padded to text_len)."""
+dtypes), the collation of same-key samples (text embeddings zero-padded to text_len), and host->device copies
+that never make the host wait (`to_device`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,18 @@ from dataclasses import dataclass, field
 import torch
 
 from mova_train.data.contract import REQUIRED_TENSORS
+
+
+def to_device(t: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`t` on `device` (cast to `dtype` when given). A CPU tensor bound for a GPU is copied from pinned memory
+    without blocking: a pageable or blocking copy would wait for all queued GPU work, a host sync per call. The
+    pinned source is kept alive by torch's caching host allocator until the copy is done."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        if not t.is_pinned():
+            t = t.pin_memory()
+        return t.to(device=device, dtype=dtype, non_blocking=True)
+    return t.to(device=device, dtype=dtype)
 
 
 @dataclass
@@ -26,24 +39,19 @@ class Batch:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def to(
-        self, device: torch.device | str, dtype: torch.dtype | None = None, non_blocking: bool = False
-    ) -> Batch:
-        """Move the tensors (and cast the float ones when `dtype` is given); keys and metadata are shared."""
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
+        """Move the tensors (and cast the float ones when `dtype` is given); keys and metadata are shared. To a GPU
+        the copies are pinned and non-blocking (`to_device`)."""
 
         def move(t: torch.Tensor) -> torch.Tensor:
-            return t.to(
-                device=device,
-                dtype=dtype if dtype and t.is_floating_point() else None,
-                non_blocking=non_blocking,
-            )
+            return to_device(t, device, dtype if dtype and t.is_floating_point() else None)
 
         return Batch(
             video=move(self.video),
             first_frame=move(self.first_frame),
             audio=move(self.audio),
             text=move(self.text),
-            text_lengths=self.text_lengths.to(device, non_blocking=non_blocking),
+            text_lengths=to_device(self.text_lengths, device),
             keys=self.keys,
             bucket=self.bucket,
             meta=self.meta,

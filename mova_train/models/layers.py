@@ -9,42 +9,113 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..names import PRECISIONS
+from ..names import ATTENTION_KERNELS, PRECISIONS
 
-try:  # flash-attn 2 is optional: used for fp16/bf16 CUDA tensors when installed, SDPA otherwise
-    from flash_attn import flash_attn_func as _flash_attn_func
+# Optional kernels, each used only where installed: FA3 (flash-attention's Hopper build) and FA2.
+try:
+    from flash_attn_interface import flash_attn_func as _fa3_func
 except ImportError:  # pragma: no cover - depends on the machine
-    _flash_attn_func = None
+    _fa3_func = None
+try:
+    from flash_attn import flash_attn_func as _fa2_func
+except ImportError:  # pragma: no cover - depends on the machine
+    _fa2_func = None
 
-ATTENTION_BACKENDS = ("auto", "sdpa", "flash")
-_attention_backend = "auto"
+logger = logging.getLogger(__name__)
+_attention_kernel: str | None = None  # runs on half-precision CUDA tensors; None: `auto`, on the first call
+_logged_kernels: set[str] = set()
 
 
-def set_attention_backend(name: str) -> None:
-    """`auto` (flash-attn when installed and usable, else SDPA), `sdpa`, or `flash` (error if unavailable)."""
-    global _attention_backend
-    if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention backend {name!r} unknown; allowed: {', '.join(ATTENTION_BACKENDS)}")
-    if name == "flash" and _flash_attn_func is None:
-        raise ValueError("attention backend 'flash' requested but flash_attn is not installed")
-    _attention_backend = name
+def available_attention_kernels(device: torch.device | str) -> list[str]:
+    """The kernels that can run on `device`, fastest first (`auto` takes the first): FA3 (Hopper, with
+    flash_attn_interface), cuDNN (torch SDPA's cuDNN backend, sm80+ with cuDNN 9), FA2 (flash_attn, else torch
+    SDPA's flash backend, which is FA2's kernel; sm80+), and SDPA with torch's own choice (everywhere)."""
+    device = torch.device(device)
+    kernels = []
+    if device.type == "cuda" and torch.cuda.is_available():
+        major, _ = torch.cuda.get_device_capability(device)
+        hopper = major == 9
+        cudnn_ok = torch.backends.cudnn.is_available() and (torch.backends.cudnn.version() or 0) >= 90000
+        if hopper and _fa3_func is not None:
+            kernels.append("fa3")
+        if major >= 8:  # the cuDNN and flash SDPA backends need Ampere or newer
+            kernels += (["cudnn"] if cudnn_ok else []) + ["fa2"]
+            if not hopper:  # before Hopper, FA2 is the faster of the two
+                kernels.sort(key=["fa2", "cudnn"].index)
+    return [*kernels, "sdpa"]
+
+
+def set_attention_backend(name: str, device: torch.device | str = "cpu") -> str:
+    """Choose the attention kernel for `device` (`model.attention`); returns the one that will run. An unknown
+    name or a kernel this machine cannot run is a one-line ValueError."""
+    global _attention_kernel
+    if name not in ATTENTION_KERNELS:
+        raise ValueError(f"model.attention={name!r} unknown; allowed: {', '.join(ATTENTION_KERNELS)}")
+    usable, requested = available_attention_kernels(device), name
+    if name == "auto":
+        name = usable[0]
+    elif name not in usable:
+        raise ValueError(
+            f"model.attention={name!r} cannot run on {torch.device(device)} here (usable: {', '.join(usable)}; "
+            "fa3 needs a Hopper GPU and flash_attn_interface, fa2 and cudnn an sm80+ GPU)"
+        )
+    _attention_kernel = name
+    _logged_kernels.clear()
+    logger.info("model.attention=%s: %s on fp16/bf16 CUDA tensors, SDPA on others", requested, name)
+    return name
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend=None) -> torch.Tensor:
+    """torch SDPA on [B, L, H, d] tensors, restricted to one backend when given."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, d]
+    if backend is None:
+        out = F.scaled_dot_product_attention(q, k, v)
+    else:
+        with sdpa_kernel([backend]):
+            out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2)  # [B, Lq, H, d]
+
+
+def _log_kernel_once(kernel: str, why: str = "") -> None:
+    if kernel not in _logged_kernels:
+        _logged_kernels.add(kernel)
+        logger.info("attention kernel: %s%s", kernel, why)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Full (unmasked) attention with scale 1/sqrt(d). q [B, Lq, H, d], k/v [B, Lk, H, d] -> [B, Lq, H*d]."""
+    """Full (unmasked) attention with scale 1/sqrt(d). q [B, Lq, H, d], k/v [B, Lk, H, d] -> [B, Lq, H*d].
+
+    The chosen kernel runs on CUDA tensors of one half-precision dtype; anything else (CPU, fp32) runs SDPA."""
+    global _attention_kernel
     b, lq, h, d = q.shape
-    use_flash = _flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-    if _attention_backend == "flash" or (_attention_backend == "auto" and use_flash):
-        out = _flash_attn_func(q, k, v)  # [B, Lq, H, d]
+    if _attention_kernel is None and q.is_cuda:  # no set_attention_backend call (sampling): `auto`
+        _attention_kernel = available_attention_kernels(q.device)[0]
+    kernel = _attention_kernel or "sdpa"
+    half = q.dtype in (torch.float16, torch.bfloat16) and q.dtype == k.dtype == v.dtype
+    why = ""
+    if kernel != "sdpa" and not (q.is_cuda and half):
+        kernel, why = "sdpa", f" ({kernel} needs fp16/bf16 CUDA tensors; got {q.dtype} on {q.device.type})"
+    if not torch.compiler.is_compiling():  # logging inside a compiled block would break its graph
+        _log_kernel_once(kernel, why)
+    if kernel == "fa3":
+        out = _fa3_func(q, k, v)
+        out = out[0] if isinstance(out, tuple) else out  # older builds also return the log-sum-exp
+    elif kernel == "fa2" and _fa2_func is not None:
+        out = _fa2_func(q, k, v)  # [B, Lq, H, d]
+    elif kernel == "fa2":
+        out = _sdpa(q, k, v, SDPBackend.FLASH_ATTENTION)
+    elif kernel == "cudnn":
+        out = _sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION)
     else:
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        out = out.transpose(1, 2)  # [B, Lq, H, d]
+        out = _sdpa(q, k, v)
     return out.reshape(b, lq, h * d)
 
 

@@ -34,7 +34,6 @@ from mova_train.training import checkpoint as ckpt_io
 from mova_train.training.config import ModelConfig, ObjectiveConfig
 from mova_train.training.distributed import (
     Zero3RankLocalLoader,
-    all_reduce,
     zero3_param_dtype,
     zero3_rank_local_unsupported,
 )
@@ -163,7 +162,14 @@ class Backend:
     def backward(self, loss: torch.Tensor, *, last_micro_step: bool) -> None:
         raise NotImplementedError
 
-    def step(self, *, force_skip: bool) -> StepResult:
+    def grad_norm(self) -> torch.Tensor | None:
+        """The window's global gradient norm before clipping, as a device tensor and without a host read (the
+        trainer reads it with the step's other figures); None where the backend computes it inside `step`."""
+        return None
+
+    def step(self, *, force_skip: bool, grad_norm: float | None = None) -> StepResult:
+        """Apply the window's update unless `force_skip` (the same on every rank); `grad_norm` is the host value
+        of `grad_norm()`, when the backend gave one."""
         raise NotImplementedError
 
     def gathered(self, params: list[nn.Parameter], *, writable: bool = False):
@@ -229,6 +235,7 @@ class PlainBackend(Backend):
                 f"(distributed type {accelerator.distributed_type}): the replicas would diverge"
             )
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self._norm: torch.Tensor | None = None  # this window's, from grad_norm()
 
     def backward(self, loss: torch.Tensor, *, last_micro_step: bool) -> None:
         # accelerator.backward divides by gradient_accumulation_steps; no_sync skips DDP's all-reduce until the
@@ -237,22 +244,25 @@ class PlainBackend(Backend):
         with ctx:
             self.accelerator.backward(loss)
 
-    def step(self, *, force_skip: bool) -> StepResult:
+    def grad_norm(self) -> torch.Tensor:
+        # DDP made the gradients equal on every rank, so is the norm; the trainer's step vector carries its
+        # finiteness to every rank, so no rank can step alone.
         grads = [p.grad for p in self.params if p.grad is not None]
-        if grads:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-        else:
-            norm = torch.zeros((), device=self.accelerator.device)
-        finite = bool(torch.isfinite(norm))
-        # DDP made the gradients equal on every rank; agree anyway so no rank can step alone.
-        (bad,) = all_reduce([0.0 if finite and not force_skip else 1.0], "max", self.accelerator.device)
-        applied = bad == 0.0
-        if applied:
+        if not grads:
+            self._norm = torch.zeros((), device=self.accelerator.device)
+        else:  # the norm clip_grad_norm_ computes, computed once for the log, the check and the clipping
+            self._norm = torch.nn.utils.get_total_norm([g.float() for g in grads])
+        return self._norm
+
+    def step(self, *, force_skip: bool, grad_norm: float | None = None) -> StepResult:
+        norm = self._norm if self._norm is not None else self.grad_norm()
+        if not force_skip:
             if self.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+                torch.nn.utils.clip_grads_with_norm_(self.params, self.max_grad_norm, norm)
             self.prepared_optimizer.step()
         self.prepared_optimizer.zero_grad(set_to_none=True)
-        return StepResult(applied, float(norm))
+        self._norm = None
+        return StepResult(not force_skip, math.nan if grad_norm is None else grad_norm)
 
     def save(self, ckpt: Path, *, is_main: bool) -> None:
         if is_main:  # every rank holds the same state
@@ -299,7 +309,7 @@ class DeepSpeedBackend(Backend):
         if not last_micro_step:
             self.engine.step()  # only advances DeepSpeed's micro-step counter inside a window
 
-    def step(self, *, force_skip: bool) -> StepResult:
+    def step(self, *, force_skip: bool, grad_norm: float | None = None) -> StepResult:
         assert self.engine.is_gradient_accumulation_boundary()
         if force_skip:
             # A non-finite loss poisons this rank's gradients; DeepSpeed then skips on all ranks by itself.

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mova_train.errors import ConfigValueError, check_choice, check_float, check_int, fail
-from mova_train.names import COMPONENTS, EXPERTS, PRECISIONS
+from mova_train.names import ATTENTION_KERNELS, COMPONENTS, EXPERTS, PRECISIONS
 
 DTYPES = ("float32", "bfloat16")
 BASE_DTYPES = ("fp8",)  # model.base_dtype besides null (the frozen base in model.dtype)
@@ -52,6 +52,9 @@ class ModelConfig:
     # fp8: the frozen linear weights of the tower blocks and bridge conditioners stored as float8 e4m3 with a scale
     # per output channel, upcast to model.dtype per layer; null: stored in model.dtype.
     base_dtype: str | None = None
+    # attention kernel on fp16/bf16 GPU tensors: auto (the fastest usable) | fa3 | fa2 | cudnn | sdpa
+    attention: str = "auto"
+    compile: bool = False  # torch.compile each tower block and bridge conditioner (regional)
 
     def validate(self) -> None:
         """Its own fields; whether the folder is a checkpoint and the components cover the objective are
@@ -77,6 +80,9 @@ class ModelConfig:
         )
         if self.base_dtype is not None:
             check_choice("model.base_dtype", self.base_dtype, BASE_DTYPES)
+        if not isinstance(self.compile, bool):
+            fail("model.compile", self.compile, "expected true or false")
+        check_choice("model.attention", self.attention, ATTENTION_KERNELS)
         if self.components is not None:
             for c in self.components:
                 check_choice("model.components", c, COMPONENTS)

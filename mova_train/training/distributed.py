@@ -198,16 +198,16 @@ def all_reduce(values: list[float], op: str, device: torch.device) -> list[float
     return t.tolist()
 
 
-def all_gather_floats(values: list[float], device: torch.device, length: int) -> list[list[float]]:
-    """Gather a short float list per rank (padded to `length` with NaN), returned per rank without the padding."""
-    t = torch.full((length,), math.nan, dtype=torch.float64, device=device)
-    if values:
-        t[: len(values)] = torch.tensor(values[:length], dtype=torch.float64)
-    if not is_distributed():
-        return [values[:length]]
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t)
-    return [[v for v in o.tolist() if not math.isnan(v)] for o in out]
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) in a single process."""
+    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+
+
+def sum_across_ranks(t: torch.Tensor) -> torch.Tensor:
+    """Sum a device tensor over all ranks, in place; no host read (the caller reads once, when it needs to)."""
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

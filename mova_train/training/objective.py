@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mova_train.data.batch import to_device
 from mova_train.models import FlowMatchScheduler, build_i2v_condition, expert_for_timestep
 from mova_train.names import EXPERTS
 from mova_train.training.config import ObjectiveConfig
@@ -115,6 +116,7 @@ class MicroStepInputs:
     text: torch.Tensor  # [B, N, Dt]
     timestep_video: torch.Tensor  # [B]
     timestep_audio: torch.Tensor  # [B]
+    drawn_timesteps: tuple[torch.Tensor, torch.Tensor]  # (video, audio) [B] each, as drawn, on the CPU
     target_video: torch.Tensor  # noise - x0, [B, 16, T, h, w]
     target_audio: torch.Tensor  # [B, Ca, L]
 
@@ -153,9 +155,10 @@ class FlowMatchingObjective:
         b = video.shape[0]
         tv = self.timesteps.sample(expert, b, generator)
         ta = self.timesteps.sample(None, b, generator) if self.cfg.independent_audio_timestep else tv.clone()
-        # Noise is drawn on CPU in fp32 so it is the same on every device type; then moved next to the data.
-        noise_v = torch.randn(video.shape, generator=generator, dtype=torch.float32).to(video.device)
-        noise_a = torch.randn(audio.shape, generator=generator, dtype=torch.float32).to(audio.device)
+        # Noise is drawn on CPU in fp32 so it is the same on every device type; then moved next to the data
+        # (pinned, non-blocking to a GPU).
+        noise_v = to_device(torch.randn(video.shape, generator=generator, dtype=torch.float32), video.device)
+        noise_a = to_device(torch.randn(audio.shape, generator=generator, dtype=torch.float32), audio.device)
         x0_v, x0_a = video.float(), audio.float()
         return MicroStepInputs(
             expert=expert,
@@ -163,8 +166,9 @@ class FlowMatchingObjective:
             video_cond=build_i2v_condition(first_frame.float()),
             noisy_audio=self.scheduler.add_noise(x0_a, noise_a, ta),
             text=text,
-            timestep_video=tv.to(video.device),
-            timestep_audio=ta.to(video.device),
+            timestep_video=to_device(tv, video.device),
+            timestep_audio=to_device(ta, video.device),
+            drawn_timesteps=(tv, ta),
             target_video=self.scheduler.target(x0_v, noise_v),
             target_audio=self.scheduler.target(x0_a, noise_a),
         )

@@ -68,11 +68,14 @@ def build_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> GroupMaskedAdamW:
-    """AdamW over the trainable parameters (the frozen base never enters the optimizer)."""
+    """AdamW over the trainable parameters (the frozen base never enters the optimizer), with torch's foreach
+    implementation: a few kernels over all ~1,000 LoRA tensors instead of several per tensor. On a CPU it gives
+    the same bits as the per-tensor loop (the golden losses hold); fused AdamW is not used because it keeps the
+    step count on the device, which the optimizer-state checkpoint and DeepSpeed's CPU offload do not expect."""
     groups = build_param_groups(model, cfg)
     # `names` is bookkeeping for checkpoints; torch keeps extra group keys untouched.
     return GroupMaskedAdamW(
-        groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, foreach=False
+        groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, foreach=True
     )
 
 

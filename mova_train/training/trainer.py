@@ -32,24 +32,19 @@ from mova_train.config import (
 )
 from mova_train.data.loader import build_loader
 from mova_train.lora import apply_lora, as_lora_config, load_init_adapter, set_precision
-from mova_train.models import FlowMatchScheduler, set_activation_checkpointing
+from mova_train.models import FlowMatchScheduler, set_activation_checkpointing, set_attention_backend
+from mova_train.models.compile import check_compile_batch, compile_blocks
 from mova_train.run_layout import list_checkpoints, samples_file
 from mova_train.training import checkpointer as checkpoints
 from mova_train.training.backend import build_backend, load_base
 from mova_train.training.checkpointer import Checkpointer, Counters, NonFiniteTrainingError, keep_global_batch
-from mova_train.training.distributed import (
-    PeerHeartbeat,
-    all_gather_floats,
-    all_reduce,
-    barrier,
-    build_accelerator,
-    resolve_runtime,
-)
+from mova_train.training.distributed import PeerHeartbeat, barrier, build_accelerator, resolve_runtime
 from mova_train.training.evaluator import Evaluator
 from mova_train.training.objective import FlowMatchingObjective, batch_video_fps, tokens_per_sample
 from mova_train.training.optim import build_optimizer, set_step_hyperparams
 from mova_train.training.parallel import apply_sequence_parallel
 from mova_train.training.signals import StopFlag
+from mova_train.training.step import StepAccumulator
 from mova_train.training.tracking import (
     MetricsWriter,
     ProgressBar,
@@ -98,6 +93,8 @@ class Trainer:
         self.cfg = keep_global_batch(self.cfg, int(os.environ.get("WORLD_SIZE", "1")))  # elastic resume
         self.mixed_precision, self.ds_config = resolve_runtime(self.cfg)
         self.zero_stage = int(self.ds_config["zero_optimization"]["stage"]) if self.ds_config else 0
+        gpu = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+        set_attention_backend(self.cfg.model.attention, gpu)  # a kernel this machine lacks: one-line error
 
     def start_processes(self) -> None:
         if self.cfg.trainer.num_threads:
@@ -141,6 +138,9 @@ class Trainer:
         set_precision(model, cfg.model.precision)
         if cfg.model.activation_checkpointing:
             set_activation_checkpointing(model, enabled=True, offload=cfg.model.activation_offload)
+        if cfg.model.compile:
+            check_compile_batch(cfg.data.batch_size, self.device.type)
+            logger.info("model.compile: %d blocks and bridge conditioners compiled", compile_blocks(model))
         self.layout = apply_sequence_parallel(model, cfg.parallel, self.rank, self.world_size)
         model.train()
         self.model = model
@@ -254,8 +254,8 @@ class Trainer:
         active = set(experts) | {x for x in COMPONENTS if x not in EXPERTS}
         lr = set_step_hyperparams(self.optimizer, cfg.optim, c.step, cfg.trainer.max_steps, active)
         start = time.perf_counter()
-        local = {"loss": 0.0, "loss_video": 0.0, "loss_audio": 0.0, "samples": 0.0, "tokens": 0.0}
-        nonfinite, timesteps, timesteps_audio, keys = False, [], [], []
+        window = StepAccumulator(self.device, gas * cfg.data.batch_size)
+        keys = []
         for i in range(gas):
             batch = self.next_batch().to(self.device)
             inputs = self.objective.prepare(
@@ -269,24 +269,20 @@ class Trainer:
                 video_fps=batch_video_fps(batch, cfg.objective.video_fps),
             )  # fmt: skip
             loss, loss_v, loss_a = self.objective.loss(pred_video, pred_audio, inputs)
-            nonfinite |= not bool(torch.isfinite(loss))
             self.backend.backward(loss, last_micro_step=i == gas - 1)
-            local["loss"] += float(loss.detach())
-            local["loss_video"] += float(loss_v)
-            local["loss_audio"] += float(loss_a)
-            local["samples"] += len(batch)
-            local["tokens"] += len(batch) * tokens_per_sample(batch, self.model_config.video_dit.patch_size)
-            timesteps += inputs.timestep_video.tolist()
-            timesteps_audio += inputs.timestep_audio.tolist()
+            window.add(
+                loss, loss_v, loss_a, samples=len(batch), timesteps=inputs.drawn_timesteps[0],
+                tokens=len(batch) * tokens_per_sample(batch, self.model_config.video_dit.patch_size),
+                timesteps_audio=inputs.drawn_timesteps[1],
+            )  # fmt: skip
             keys += batch.keys
-        local["rejected"] = float(self.loader.stats.get("rejected_total", 0))
-        stop_flag, any_nonfinite = all_reduce(
-            [float(self.stop.signal is not None), float(nonfinite)], "max", self.device
-        )
-        result = self.backend.step(force_skip=any_nonfinite > 0)
-        sums = [x / self.layout.sp_size for x in all_reduce(list(local.values()), "sum", self.device)]
+        totals = window.finish(  # the one all-reduce and host read of the step
+            rejected=float(self.loader.stats.get("rejected_total", 0)), stop=self.stop.signal is not None,
+            grad_norm=self.backend.grad_norm(),
+        )  # fmt: skip
+        result = self.backend.step(force_skip=totals.nonfinite, grad_norm=totals.grad_norm)
+        sums = [x / self.layout.sp_size for x in totals.sums.values()]
         elapsed = time.perf_counter() - start
-        all_timesteps = all_gather_floats(timesteps, self.device, gas * cfg.data.batch_size)
         c.advance(applied=result.applied, samples=int(sums[3]))
         n_micro = gas * self.layout.dp_size  # a sequence group's ranks hold the same samples and loss
         row = {
@@ -296,7 +292,7 @@ class Trainer:
             "loss_audio": sums[2] / n_micro,
             "expert": experts[0] if len(set(experts)) == 1 else "+".join(experts),
             "experts": experts,
-            "timesteps": all_timesteps[:: self.layout.sp_size],  # per data-parallel rank
+            "timesteps": totals.timesteps[:: self.layout.sp_size],  # per data-parallel rank
             "lr": lr,
             "grad_norm": result.grad_norm,
             "samples_per_s": sums[3] / elapsed,
@@ -306,13 +302,11 @@ class Trainer:
             "skipped": not result.applied,
             "samples_seen": c.samples,
             "rejected_samples": int(sums[5]),  # over all ranks, since the run (or its resume) started
-            "_stop": stop_flag > 0,
+            "_stop": totals.stop,
             "_keys": keys,
         }
         if cfg.objective.independent_audio_timestep:
-            row["timesteps_audio"] = all_gather_floats(
-                timesteps_audio, self.device, gas * cfg.data.batch_size
-            )[:: self.layout.sp_size]
+            row["timesteps_audio"] = totals.timesteps_audio[:: self.layout.sp_size]
         if not result.applied:
             logger.warning("step %d skipped on every rank: non-finite loss or gradient (%d in a row)",
                            c.step, c.consecutive_skips)  # fmt: skip
