@@ -3,6 +3,7 @@ training (before a process group exists), naming the field."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -53,7 +54,7 @@ def test_the_config_tree_has_every_group_and_experiment():
 
 @pytest.mark.parametrize("group,name", GROUP_FILES, ids=[f"{g}/{n}" for g, n in GROUP_FILES])
 def test_every_yaml_composes_into_the_schema(group, name):
-    override = f"+experiment={name}" if group == "experiment" else f"{group}={name}"
+    override = f"+{group}={name}" if group in ("experiment", "memory") else f"{group}={name}"
     cfg = to_train_config(compose_train([override]))
     assert isinstance(cfg, TrainConfig)
     if group == "experiment":
@@ -61,6 +62,37 @@ def test_every_yaml_composes_into_the_schema(group, name):
         assert cfg.trainer.run_dir == f"runs/{name}"  # deterministic default: rerunning resumes
     if group == "deepspeed" and cfg.deepspeed.config is not None:
         assert (PROJECT_ROOT / cfg.deepspeed.config).is_file()
+
+
+def test_memory_recipes_compose_with_an_experiment_and_their_plans_meet_the_targets():
+    """`+memory=gpuNN` on top of `+experiment=voice_lora`, and configs/memory/plans.json (the planner's figures for
+    exactly these recipes, `python -m mova_train.plan --recipes`) within the limits each recipe promises."""
+    recipes = sorted(p.stem for p in (PROJECT_ROOT / "configs" / "memory").glob("gpu*.yaml"))
+    plans = json.loads((PROJECT_ROOT / "configs" / "memory" / "plans.json").read_text())
+    assert sorted(plans["recipes"]) == recipes and len(recipes) >= 4
+    assert plans["clip"]["frames"] == 193 and plans["clip"]["height"] == 352 and plans["model"] == "mova_360p"
+    limits = {"gpu141": 130, "gpu80": 70, "gpu48": 44, "gpu24": 22}  # GB per GPU (issue: planner figures)
+    for name in recipes:
+        cfg = validate_config(
+            to_train_config(
+                compose_train(
+                    ["+experiment=voice_lora", f"+memory={name}", "model.checkpoint=c", "data.shards=s"]
+                )
+            ),
+            check_files=False,
+        )
+        assert cfg.deepspeed.config is None and cfg.model.activation_checkpointing
+        planned = plans["recipes"][name]
+        assert planned["fits"] and planned["total_gb"] <= limits[name], (name, planned["total_gb"])
+        assert planned["pinned_host_gb"] <= 128, (name, planned["pinned_host_gb"])
+        assert cfg.model.offload_blocks == 0 or name in (
+            "gpu48",
+            "gpu24",
+        )  # gpu80 and up: no parameter offload
+    assert (
+        plans["recipes"]["gpu24"]["memory_gb"]["frozen base"]
+        < plans["recipes"]["gpu48"]["memory_gb"]["frozen base"]
+    )
 
 
 def test_train_yaml_keeps_hydra_out_of_the_run_directory():
