@@ -34,6 +34,11 @@ COMMANDS = {
         "read throughput of the shard loader (samples/s, MB/s) on a shard folder or random latents",
     ),
     "train": ("mova_train.bench.training", "run_train_bench", "training-step throughput of the full trainer"),
+    "gpu": (
+        "mova_train.bench.gpu",
+        "run_gpu_bench",
+        "one-shot GPU benchmark: kernel rates, step time at 3 depths extrapolated to 40+30 layers, MFU (--dry-run: CPU)",
+    ),
     "export": (
         "mova_train.bench.export",
         "run_export_bench",
