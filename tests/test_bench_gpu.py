@@ -103,7 +103,19 @@ def test_dry_run_prints_every_figure_and_its_arithmetic_holds(capsys, one_thread
 
 
 def test_dry_run_skips_full_depth_outside_the_budget(capsys, one_thread):
-    args = ["gpu", "--dry-run", "--json", "--budget-s", "0", "--depths", "1,2", "--kernel-iters", "1"]
+    args = [
+        "gpu",
+        "--dry-run",
+        "--json",
+        "--budget-s",
+        "0",
+        "--depths",
+        "1,2",
+        "--kernel-iters",
+        "1",
+        "--warmup",
+        "0",
+    ]
     assert bench_main(args) == 0
     out, err = capsys.readouterr()
     result = json.loads(out.strip().splitlines()[-1])
