@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from mova_train.bench import main as bench_main
-from mova_train.bench.gpu import PEAK_TFLOPS, depth_config, extrapolate, fit_line, model_flops
+from mova_train.bench.gpu import (
+    PEAK_TFLOPS,
+    depth_config,
+    extrapolate,
+    fit_line,
+    model_flops,
+    per_video_layer_s,
+)
 from mova_train.models import get_model_config
 
 
@@ -39,6 +46,8 @@ def test_extrapolation_to_40_plus_30_layers_is_per_video_layer_at_proportional_d
     a, b, full = extrapolate(config, [4, 8, 12], [1.0 + 0.5 * d for d in (4, 8, 12)], lv, la)
     assert full == pytest.approx(1.0 + 0.5 * 40, rel=1e-9)
     assert a + b * model_flops(depth_config(config, 8), lv, la) == pytest.approx(5.0, rel=1e-9)
+    assert per_video_layer_s(config, b, 12, lv, la) == pytest.approx(0.5, rel=1e-9)
+    assert per_video_layer_s(config, b, 4, lv, la) == pytest.approx(0.5, rel=1e-9)
 
 
 def test_extrapolation_weights_towers_by_flops_when_depths_are_not_proportional():
@@ -62,6 +71,8 @@ def test_dry_run_prints_every_figure_and_its_arithmetic_holds(capsys, one_thread
         "[depth] 1 video + 1 audio layers",
         "[depth] 3 video + 2 audio layers",
         "[fit] t = a + b * F",
+        "s fixed + ",
+        "s per video layer",
         "[result] s/step:",
         "[result] TFLOP/s:",
         f"[result] MFU: {result['mfu_989']:.1%} of 989 TFLOP/s",

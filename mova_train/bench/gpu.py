@@ -119,6 +119,16 @@ def extrapolate(
     return a, b, a + b * model_flops(config, video_tokens, audio_tokens)
 
 
+def per_video_layer_s(
+    config: MovaConfig, b: float, depth: int, video_tokens: int, audio_tokens: int
+) -> float:
+    """Seconds the fit adds per video layer (with its share of audio layers and bridge pairs) from `depth` to the
+    full model; the same for every `depth` of a proportional cut."""
+    full = config.video_dit.num_layers
+    shallow = model_flops(depth_config(config, depth), video_tokens, audio_tokens)
+    return b * (model_flops(config, video_tokens, audio_tokens) - shallow) / (full - depth)
+
+
 # ---- timing ------------------------------------------------------------------------------------------------------
 
 
@@ -393,10 +403,11 @@ def run_gpu_bench(args: argparse.Namespace) -> int:
     full_flops = model_flops(config, lv, la)
     v_full, a_full = config.video_dit.num_layers, config.audio_dit.num_layers
     deepest = max(depths)
-    per_layer = b * (full_flops - model_flops(depth_config(config, deepest), lv, la)) / (v_full - deepest)
+    per_layer = per_video_layer_s(config, b, deepest, lv, la)
     say(
         f"[fit] t = a + b * F (F = model FLOPs of the step), least squares over depths {depths}: "
-        f"a = {a:.4f} s, {per_layer:.4f} s per video layer with its share of audio layers and bridge pairs; "
+        f"{predicted - per_layer * v_full:.4f} s fixed + {per_layer:.4f} s per video layer with its share of "
+        "audio layers and bridge pairs; "
         f"at {v_full} video + {a_full} audio layers ({full_flops:.3e} FLOPs): {predicted:.3f} s/step"
     )
     peaks = [r["peak_gb"] for r in depth_rows]
@@ -436,6 +447,7 @@ def run_gpu_bench(args: argparse.Namespace) -> int:
         "depths": depth_rows,
         "fit_a_s": a,
         "fit_b_s_per_flop": b,
+        "fit_s_per_video_layer": per_layer,
         "s_per_step_extrapolated": predicted,
         "s_per_step_measured": measured,
         "full_depth_skipped": skipped,
