@@ -409,6 +409,7 @@ def run_gpu_bench(args: argparse.Namespace) -> int:
         f"{predicted - per_layer * v_full:.4f} s fixed + {per_layer:.4f} s per video layer with its share of "
         "audio layers and bridge pairs; "
         f"at {v_full} video + {a_full} audio layers ({full_flops:.3e} FLOPs): {predicted:.3f} s/step"
+        + ("" if b > 0 else " (slope not positive: the shallow timings are too noisy to extrapolate)")
     )
     peaks = [r["peak_gb"] for r in depth_rows]
     peak_pred = None if None in peaks else extrapolate(config, depths, peaks, lv, la)[2]
@@ -417,7 +418,8 @@ def run_gpu_bench(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - started
     deepest_row = max(depth_rows, key=lambda r: r["video_layers"])
     est_build = deepest_row["build_s"] * v_full / deepest_row["video_layers"]
-    est_s = est_build + (st["warmup"] + st["steps"]) * predicted
+    # never below the deepest shallow step: a noisy fit can extrapolate to less (even below zero)
+    est_s = est_build + (st["warmup"] + st["steps"]) * max(predicted, deepest_row["s"])
     if args.no_full:
         skipped = "--no-full"
     elif elapsed + est_s > args.budget_s:
