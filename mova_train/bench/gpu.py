@@ -11,7 +11,7 @@ bridge pairs each audio block with a video block ("full" strategy), min(V, A) br
 t = a + b * F, F the step's analytic model FLOPs (`mova_train.models.flops`), by least squares, and evaluated at the
 full model's F. F is affine in each tower's and the bridge's layer counts, so with the default depths 4/8/12
 (3/6/9 audio layers and bridge pairs, each a fixed fraction of 40/30/30) this is exactly t = a' + b' * V at V = 40:
-`a` the depth-independent cost (patch embeddings, heads, objective, optimizer), `b'` one video layer with its 0.75
+`a'` the depth-independent cost (patch embeddings, heads, objective, optimizer), `b'` one video layer with its 0.75
 audio layer and 0.75 bridge pair. FLOPs only weight the towers against each other when depths are not proportional.
 
 `--dry-run` runs the same code on the CPU with the tiny config (fp32, tiny shapes, depths 1/2/3, one timed step).
@@ -325,6 +325,8 @@ def _settings(args: argparse.Namespace) -> dict:
     kernel_iters = default_iters if args.kernel_iters is None else args.kernel_iters
     steps = default_steps if args.steps is None else args.steps
     check_steps(steps, warmup)
+    if not args.budget_s >= 0:
+        raise ValueError(f"--budget-s must be >= 0 seconds, got {args.budget_s}")
     if kernel_iters < 1:
         raise ValueError(f"--kernel-iters must be >= 1, got {kernel_iters}")
     return {
@@ -433,7 +435,7 @@ def run_gpu_bench(args: argparse.Namespace) -> int:
         try:
             r = time_training(config, st["clip"], device, dtype, st["warmup"], st["steps"])
             measured, full_peak = r["s"], r["peak_gb"]
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             skipped = "out of GPU memory"
         _free(device)
     step_s = measured if measured is not None else predicted
