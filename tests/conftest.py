@@ -21,3 +21,26 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     from mova_train.models.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_mova") / "ckpt", seed=0)
+
+
+# The files that run several multi-process trainings, longest first. pytest runs on two xdist workers with
+# `--dist loadfile` (pyproject.toml), which hands out files in collection order: starting the long ones first keeps
+# one worker from finishing a long file alone at the end. Everything else keeps its order.
+LONG_FILES = (
+    "test_faults.py",
+    "test_sequence_parallel.py",
+    "test_train_distributed.py",
+    "test_data_tools_pipeline.py",
+    "test_demo.py",
+    "test_eval_zero3.py",
+    "test_readme_walkthrough.py",
+    "test_launch_slurm.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        name = Path(str(item.fspath)).name
+        return LONG_FILES.index(name) if name in LONG_FILES else len(LONG_FILES)
+
+    items.sort(key=rank)  # stable: the order inside a file and among the other files is pytest's
