@@ -23,6 +23,24 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_mova") / "ckpt", seed=0)
 
 
+@pytest.fixture
+def fresh_accelerate():
+    """accelerate's process-wide state reset around a test that runs the trainer in this process."""
+    from tests.train_utils import reset_accelerate
+
+    reset_accelerate()
+    yield
+    reset_accelerate()
+
+
+@pytest.fixture(scope="session")
+def two_clips(tiny_checkpoint, tmp_path_factory) -> Path:
+    """Random-latent shards of two clips for the tiny checkpoint (read-only)."""
+    from mova_train.training.synthetic import write_random_shards_for
+
+    return write_random_shards_for(tiny_checkpoint, tmp_path_factory.mktemp("two_clips"), num_clips=2)
+
+
 # The files that run several multi-process trainings, longest first. pytest runs on two xdist workers with
 # `--dist loadfile` (pyproject.toml), which hands out files in collection order: starting the long ones first keeps
 # one worker from finishing a long file alone at the end. Everything else keeps its order.

@@ -35,7 +35,6 @@ from tests.train_utils import (
     compose_train,
     launch_env,
     read_metrics,
-    reset_accelerate,
     subprocess_timeout,
     tiny_overrides,
 )
@@ -56,11 +55,7 @@ def reference_png(tmp_path_factory):
     return path
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate():
-    reset_accelerate()
-    yield
-    reset_accelerate()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")  # tests/conftest.py
 
 
 def test_sampling_defaults_follow_the_model_config(tiny_checkpoint):

@@ -52,12 +52,7 @@ from tests.train_utils import (
     tiny_overrides,
 )
 
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate():
-    reset_accelerate()
-    yield
-    reset_accelerate()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

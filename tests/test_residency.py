@@ -16,23 +16,13 @@ from mova_train.training import checkpoint as ckpt_io
 from mova_train.training.config import ObjectiveConfig
 from mova_train.training.objective import ExpertChooser
 from mova_train.training.residency import ExpertResidency, build_residency, resident_experts
-from mova_train.training.synthetic import write_random_shards_for
 from mova_train.training.trainer import Trainer, run, to_train_config, validate_config
 from tests.train_utils import compose_train, read_metrics, reset_accelerate, tiny_overrides
 
 HIGH, LOW = EXPERTS
 
 
-@pytest.fixture(scope="module")
-def two_clips(tiny_checkpoint, tmp_path_factory):
-    return write_random_shards_for(tiny_checkpoint, tmp_path_factory.mktemp("two_clips"), num_clips=2)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate():
-    reset_accelerate()
-    yield
-    reset_accelerate()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")  # tests/conftest.py
 
 
 def experts_per_step(chooser: ExpertChooser, gas: int, steps: int) -> list[list[str]]:

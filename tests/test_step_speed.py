@@ -16,21 +16,10 @@ from mova_train.lora import LoraConfig, apply_lora, randomize_lora
 from mova_train.models import build_mova, get_model_config, layers, set_activation_checkpointing
 from mova_train.models.compile import check_compile_batch, compile_blocks
 from mova_train.training.config import ModelConfig
-from mova_train.training.synthetic import write_random_shards_for
 from mova_train.training.trainer import Trainer, to_train_config, validate_config
-from tests.train_utils import compose_train, reset_accelerate, tiny_overrides
+from tests.train_utils import compose_train, tiny_overrides
 
-
-@pytest.fixture(scope="module")
-def two_clips(tiny_checkpoint, tmp_path_factory):
-    return write_random_shards_for(tiny_checkpoint, tmp_path_factory.mktemp("two_clips"), num_clips=2)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate():
-    reset_accelerate()
-    yield
-    reset_accelerate()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")  # tests/conftest.py
 
 
 class DeviceReads(TorchDispatchMode):

@@ -25,11 +25,7 @@ def one_clip(tiny_checkpoint, tmp_path_factory):
     return write_random_shards_for(tiny_checkpoint, tmp_path_factory.mktemp("one_clip"), num_clips=1)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate():
-    reset_accelerate()
-    yield
-    reset_accelerate()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")  # tests/conftest.py
 
 
 def make_trainer(tiny_checkpoint, shards, run_dir, *extra) -> Trainer:

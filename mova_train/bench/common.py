@@ -86,3 +86,32 @@ def add_gpu_clip_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--height", type=int, default=352, help="GPU clip height in pixels (default 352)")
     parser.add_argument("--width", type=int, default=640, help="GPU clip width in pixels (default 640)")
+
+
+def lora_train_step(
+    model, objective, optimizer, optim_cfg, latents, generator, *, dtype, active
+) -> Callable[[int], None]:
+    """`step(i)`: one optimizer step of the trainer's math on fixed latents (video, first frame, audio, text) for the
+    benchmarks: fresh noise and timesteps (`objective.prepare`), the forward in `dtype` under bf16 autocast on CUDA,
+    the loss, backward, clipping at 1.0 and the optimizer's step, with `active` the components whose groups step."""
+    from mova_train.training.optim import set_step_hyperparams
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    video, first, audio, text = latents
+    on_cuda = video.device.type == "cuda"
+
+    def step(i: int) -> None:
+        set_step_hyperparams(optimizer, optim_cfg, i, 10**6, set(active))
+        inputs = objective.prepare(video, first, audio, text, micro_step=i, generator=generator)
+        with torch.autocast(video.device.type, dtype=torch.bfloat16, enabled=on_cuda):
+            pv, pa = model(
+                inputs.noisy_video.to(dtype), inputs.video_cond.to(dtype), inputs.noisy_audio.to(dtype),
+                inputs.text.to(dtype), inputs.timestep_video, inputs.timestep_audio, expert=inputs.expert,
+            )  # fmt: skip
+        loss, _, _ = objective.loss(pv, pa, inputs)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step

@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import torch
 
-from mova_train.bench.common import check_clip_shape, check_steps
+from mova_train.bench.common import check_clip_shape, check_steps, lora_train_step
 from mova_train.models import FlowMatchScheduler, build_mova, get_model_config, set_activation_checkpointing
 from mova_train.models.config import MovaConfig
 from mova_train.models.flops import step_flops
@@ -221,7 +221,7 @@ def time_training(
     from mova_train.lora import apply_lora, lora_config_from_name
     from mova_train.training.config import ObjectiveConfig, OptimConfig
     from mova_train.training.objective import FlowMatchingObjective
-    from mova_train.training.optim import build_optimizer, set_step_hyperparams
+    from mova_train.training.optim import build_optimizer
 
     t_build = time.perf_counter()
     on_cuda = device.type == "cuda"
@@ -250,28 +250,12 @@ def time_training(
     first = torch.randn(video_shape, generator=g).to(device)
     audio = torch.randn(1, config.audio_latent_dim, audio_len, generator=g).to(device)  # [B, Ca, L]
     text = torch.randn(1, config.text_len, config.text_dim, generator=g).to(device)  # [B, 512, Dt]
-    params = [p for grp in optimizer.param_groups for p in grp["params"]]
     _sync(device)
     build_s = time.perf_counter() - t_build
 
-    def step(i: int) -> None:
-        set_step_hyperparams(optimizer, optim_cfg, i, 10**6, set(COMPONENTS))
-        inputs = objective.prepare(video, first, audio, text, micro_step=i, generator=g)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
-            pv, pa = model(
-                inputs.noisy_video.to(dtype),
-                inputs.video_cond.to(dtype),
-                inputs.noisy_audio.to(dtype),
-                inputs.text.to(dtype),
-                inputs.timestep_video,
-                inputs.timestep_audio,
-                expert=inputs.expert,
-            )
-        loss, _, _ = objective.loss(pv, pa, inputs)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    step = lora_train_step(
+        model, objective, optimizer, optim_cfg, (video, first, audio, text), g, dtype=dtype, active=COMPONENTS
+    )
 
     for i in range(warmup):
         step(i)

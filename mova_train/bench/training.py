@@ -18,7 +18,14 @@ from pathlib import Path
 
 import torch
 
-from mova_train.bench.common import add_gpu_clip_args, check_clip_shape, check_steps, cuda_peak_gib, sync
+from mova_train.bench.common import (
+    add_gpu_clip_args,
+    check_clip_shape,
+    check_steps,
+    cuda_peak_gib,
+    lora_train_step,
+    sync,
+)
 from mova_train.config import compose_config
 from mova_train.lora import apply_lora, lora_config_from_name
 from mova_train.models import FlowMatchScheduler, build_mova, get_model_config, set_activation_checkpointing
@@ -27,7 +34,7 @@ from mova_train.models.tiny import write_tiny_checkpoint
 from mova_train.names import LOW_NOISE_EXPERT, SHARED_COMPONENTS
 from mova_train.training.config import ObjectiveConfig, OptimConfig
 from mova_train.training.objective import FlowMatchingObjective
-from mova_train.training.optim import build_optimizer, set_step_hyperparams
+from mova_train.training.optim import build_optimizer
 from mova_train.training.synthetic import write_random_shards_for
 from mova_train.training.trainer import Trainer, to_train_config, validate_config
 
@@ -130,27 +137,11 @@ def run_gpu_bench(args: argparse.Namespace, device: str = "cuda", config_name: s
     text = torch.randn(1, config.text_len, config.text_dim, generator=g).to(gpu)  # [B, 512, Dt]
     pt, ph, pw = config.video_dit.patch_size
     video_tokens = (t // pt) * (h // ph) * (w // pw)
-    params = [p for grp in optimizer.param_groups for p in grp["params"]]
     weights_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
 
-    def step(i: int) -> None:
-        set_step_hyperparams(optimizer, optim_cfg, i, 10**6, set(components))
-        inputs = objective.prepare(video, first, audio, text, micro_step=i, generator=g)
-        with torch.autocast(gpu.type, dtype=torch.bfloat16, enabled=on_cuda):
-            pv, pa = model(
-                inputs.noisy_video.to(dtype),
-                inputs.video_cond.to(dtype),
-                inputs.noisy_audio.to(dtype),
-                inputs.text.to(dtype),
-                inputs.timestep_video,
-                inputs.timestep_audio,
-                expert=inputs.expert,
-            )
-        loss, _, _ = objective.loss(pv, pa, inputs)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    step = lora_train_step(
+        model, objective, optimizer, optim_cfg, (video, first, audio, text), g, dtype=dtype, active=components
+    )
 
     for i in range(args.warmup):
         step(i)
