@@ -34,6 +34,7 @@ from mova_train.data.loader import build_loader
 from mova_train.lora import apply_lora, as_lora_config, load_init_adapter, set_precision
 from mova_train.models import FlowMatchScheduler, set_activation_checkpointing, set_attention_backend
 from mova_train.models.compile import check_compile_batch, compile_blocks
+from mova_train.models.streaming import host_data
 from mova_train.run_layout import list_checkpoints, samples_file
 from mova_train.training import checkpointer as checkpoints
 from mova_train.training.backend import build_backend, load_base
@@ -150,7 +151,8 @@ class Trainer:
             cfg.trainer.seed, cfg.trainer.gradient_accumulation_steps,
         )  # fmt: skip
         num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        num_frozen = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if not p.requires_grad)
+        frozen = [p for p in model.parameters() if not p.requires_grad]  # streamed ones: their host copies
+        num_frozen = sum(getattr(p, "ds_numel", host_data(p).numel()) for p in frozen)
         logger.info(
             "model: %s loaded (%s, %.3fB frozen); LoRA on %s: %.2fM trainable parameters",
             ", ".join(self.components), cfg.model.dtype, num_frozen / 1e9,
