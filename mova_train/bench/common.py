@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import resource
 import time
 from collections.abc import Callable
@@ -88,22 +89,56 @@ def add_gpu_clip_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=640, help="GPU clip width in pixels (default 640)")
 
 
-def lora_train_step(
-    model, objective, optimizer, optim_cfg, latents, generator, *, dtype, active
-) -> Callable[[int], None]:
-    """`step(i)`: one optimizer step of the trainer's math on fixed latents (video, first frame, audio, text) for the
-    benchmarks: fresh noise and timesteps (`objective.prepare`), the forward in `dtype` under bf16 autocast on CUDA,
-    the loss, backward, clipping at 1.0 and the optimizer's step, with `active` the components whose groups step."""
-    from mova_train.training.optim import set_step_hyperparams
+def clip_tokens(config, frames: int, height: int, width: int) -> tuple[tuple[int, ...], int, int, int]:
+    """(video latent shape [B, 16, T, h, w], audio latent length, video tokens, audio tokens) of one clip."""
+    check_clip_shape(frames, height, width)
+    t, h, w = (frames - 1) // 4 + 1, height // 8, width // 8
+    audio_len = math.ceil(48000 * frames / 24 / 960)
+    pt, ph, pw = config.video_dit.patch_size
+    return (1, config.video_latent_dim, t, h, w), audio_len, (t // pt) * (h // ph) * (w // pw), audio_len
 
+
+def build_lora_bench_step(config, components, lora_preset: str, device, dtype, clip: tuple[int, int, int]):
+    """The benchmarks' training setup: `components` of `config` with random weights on `device` in `dtype`, frozen,
+    the LoRA preset on them, activation checkpointing, the trainer's optimizer and objective (one expert), random
+    latents of one `clip` (frames, height, width). Returns (step, model, video tokens, audio tokens), where `step(i)`
+    is one optimizer step of the trainer's math: fresh noise and timesteps, the forward under bf16 autocast on CUDA,
+    the loss, backward, clipping at 1.0, AdamW."""
+    from mova_train.lora import apply_lora, lora_config_from_name
+    from mova_train.models import FlowMatchScheduler, build_mova, set_activation_checkpointing
+    from mova_train.names import EXPERTS
+    from mova_train.training.config import ObjectiveConfig, OptimConfig
+    from mova_train.training.objective import FlowMatchingObjective
+    from mova_train.training.optim import build_optimizer, set_step_hyperparams
+
+    model = build_mova(config, components=components, device=device, dtype=dtype, seed=0)
+    model.requires_grad_(False)
+    lora_cfg = lora_config_from_name(lora_preset)
+    lora_cfg.targets = {c: p for c, p in lora_cfg.targets.items() if c in components}
+    torch.manual_seed(0)
+    apply_lora(model, lora_cfg)
+    set_activation_checkpointing(model, True)
+    model.train()
+    optim_cfg = OptimConfig(warmup_steps=0, schedule="constant")
+    optimizer = build_optimizer(model, optim_cfg)
+    (expert,) = [c for c in components if c in EXPERTS]
+    objective = FlowMatchingObjective(
+        ObjectiveConfig(expert=f"only:{expert}"), FlowMatchScheduler.from_config(config.scheduler),
+        config.boundary_timestep, seed=0,
+    )  # fmt: skip
+    video_shape, audio_len, video_tokens, audio_tokens = clip_tokens(config, *clip)
+    g = torch.Generator().manual_seed(0)
+    video = torch.randn(video_shape, generator=g).to(device)  # [B, 16, T, h, w]
+    first = torch.randn(video_shape, generator=g).to(device)
+    audio = torch.randn(1, config.audio_latent_dim, audio_len, generator=g).to(device)  # [B, Ca, L]
+    text = torch.randn(1, config.text_len, config.text_dim, generator=g).to(device)  # [B, 512, Dt]
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    video, first, audio, text = latents
-    on_cuda = video.device.type == "cuda"
+    on_cuda = torch.device(device).type == "cuda"
 
     def step(i: int) -> None:
-        set_step_hyperparams(optimizer, optim_cfg, i, 10**6, set(active))
-        inputs = objective.prepare(video, first, audio, text, micro_step=i, generator=generator)
-        with torch.autocast(video.device.type, dtype=torch.bfloat16, enabled=on_cuda):
+        set_step_hyperparams(optimizer, optim_cfg, i, 10**6, set(components))
+        inputs = objective.prepare(video, first, audio, text, micro_step=i, generator=g)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=on_cuda):
             pv, pa = model(
                 inputs.noisy_video.to(dtype), inputs.video_cond.to(dtype), inputs.noisy_audio.to(dtype),
                 inputs.text.to(dtype), inputs.timestep_video, inputs.timestep_audio, expert=inputs.expert,
@@ -114,4 +149,4 @@ def lora_train_step(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return step
+    return step, model, video_tokens, audio_tokens

@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import math
 import statistics
 import sys
 import time
@@ -31,8 +30,8 @@ from collections.abc import Callable
 
 import torch
 
-from mova_train.bench.common import check_clip_shape, check_steps, lora_train_step
-from mova_train.models import FlowMatchScheduler, build_mova, get_model_config, set_activation_checkpointing
+from mova_train.bench.common import build_lora_bench_step, check_steps, clip_tokens
+from mova_train.models import get_model_config
 from mova_train.models.config import MovaConfig
 from mova_train.models.flops import step_flops
 from mova_train.models.layers import attention, available_attention_kernels, set_attention_backend
@@ -197,17 +196,6 @@ def kernel_rates(shapes: dict, dtype: torch.dtype, device: torch.device, iters: 
 # ---- training steps ----------------------------------------------------------------------------------------------
 
 
-def clip_tokens(
-    config: MovaConfig, frames: int, height: int, width: int
-) -> tuple[tuple[int, ...], int, int, int]:
-    """(video latent shape [B, 16, T, h, w], audio latent length, video tokens, audio tokens) of one clip."""
-    check_clip_shape(frames, height, width)
-    t, h, w = (frames - 1) // 4 + 1, height // 8, width // 8
-    audio_len = math.ceil(48000 * frames / 24 / 960)
-    pt, ph, pw = config.video_dit.patch_size
-    return (1, config.video_latent_dim, t, h, w), audio_len, (t // pt) * (h // ph) * (w // pw), audio_len
-
-
 def time_training(
     config: MovaConfig,
     clip: tuple[int, int, int],
@@ -218,44 +206,13 @@ def time_training(
 ) -> dict:
     """Build the model at `config`'s depth with random weights on `device`, apply the voice LoRA, and time
     `warmup` + `steps` optimizer steps of the trainer's objective. Returns seconds (median), peak GB, build s."""
-    from mova_train.lora import apply_lora, lora_config_from_name
-    from mova_train.training.config import ObjectiveConfig, OptimConfig
-    from mova_train.training.objective import FlowMatchingObjective
-    from mova_train.training.optim import build_optimizer
-
     t_build = time.perf_counter()
     on_cuda = device.type == "cuda"
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    model = build_mova(config, components=COMPONENTS, device=device, dtype=dtype, seed=0)
-    model.requires_grad_(False)
-    lora_cfg = lora_config_from_name(LORA_PRESET)
-    lora_cfg.targets = {c: p for c, p in lora_cfg.targets.items() if c in COMPONENTS}
-    torch.manual_seed(0)
-    apply_lora(model, lora_cfg)
-    set_activation_checkpointing(model, True)
-    model.train()
-    optim_cfg = OptimConfig(warmup_steps=0, schedule="constant")
-    optimizer = build_optimizer(model, optim_cfg)
-    objective = FlowMatchingObjective(
-        ObjectiveConfig(expert=f"only:{LOW_NOISE_EXPERT}"),
-        FlowMatchScheduler.from_config(config.scheduler),
-        config.boundary_timestep,
-        seed=0,
-    )
-    frames, height, width = clip
-    video_shape, audio_len, _, _ = clip_tokens(config, frames, height, width)
-    g = torch.Generator().manual_seed(0)
-    video = torch.randn(video_shape, generator=g).to(device)  # [B, 16, T, h, w]
-    first = torch.randn(video_shape, generator=g).to(device)
-    audio = torch.randn(1, config.audio_latent_dim, audio_len, generator=g).to(device)  # [B, Ca, L]
-    text = torch.randn(1, config.text_len, config.text_dim, generator=g).to(device)  # [B, 512, Dt]
+    step, _, _, _ = build_lora_bench_step(config, COMPONENTS, LORA_PRESET, device, dtype, clip)
     _sync(device)
     build_s = time.perf_counter() - t_build
-
-    step = lora_train_step(
-        model, objective, optimizer, optim_cfg, (video, first, audio, text), g, dtype=dtype, active=COMPONENTS
-    )
 
     for i in range(warmup):
         step(i)

@@ -10,7 +10,6 @@ analytic count of `mova_train.models.flops` (frozen base: no weight gradients; r
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import tempfile
 import time
@@ -20,21 +19,16 @@ import torch
 
 from mova_train.bench.common import (
     add_gpu_clip_args,
-    check_clip_shape,
+    build_lora_bench_step,
     check_steps,
     cuda_peak_gib,
-    lora_train_step,
     sync,
 )
 from mova_train.config import compose_config
-from mova_train.lora import apply_lora, lora_config_from_name
-from mova_train.models import FlowMatchScheduler, build_mova, get_model_config, set_activation_checkpointing
+from mova_train.models import get_model_config
 from mova_train.models.flops import step_flops
 from mova_train.models.tiny import write_tiny_checkpoint
 from mova_train.names import LOW_NOISE_EXPERT, SHARED_COMPONENTS
-from mova_train.training.config import ObjectiveConfig, OptimConfig
-from mova_train.training.objective import FlowMatchingObjective
-from mova_train.training.optim import build_optimizer
 from mova_train.training.synthetic import write_random_shards_for
 from mova_train.training.trainer import Trainer, to_train_config, validate_config
 
@@ -111,37 +105,11 @@ def run_gpu_bench(args: argparse.Namespace, device: str = "cuda", config_name: s
     components = (LOW_NOISE_EXPERT, *SHARED_COMPONENTS)
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(gpu)
-    model = build_mova(config, components=components, device=gpu, dtype=dtype, seed=0)
-    model.requires_grad_(False)
-    lora_cfg = lora_config_from_name(args.lora)
-    lora_cfg.targets = {c: p for c, p in lora_cfg.targets.items() if c in components}
-    torch.manual_seed(0)
-    apply_lora(model, lora_cfg)
-    set_activation_checkpointing(model, True)
-    model.train()
-    optim_cfg = OptimConfig(warmup_steps=0, schedule="constant")
-    optimizer = build_optimizer(model, optim_cfg)
-    objective = FlowMatchingObjective(
-        ObjectiveConfig(expert="only:video_dit_2"),
-        FlowMatchScheduler.from_config(config.scheduler),
-        config.boundary_timestep,
-        seed=0,
+    clip = (args.frames, args.height, args.width)
+    step, model, video_tokens, audio_len = build_lora_bench_step(
+        config, components, args.lora, gpu, dtype, clip
     )
-    check_clip_shape(args.frames, args.height, args.width)
-    t, h, w = (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8
-    audio_len = math.ceil(48000 * args.frames / 24 / 960)
-    g = torch.Generator().manual_seed(0)
-    video = torch.randn(1, 16, t, h, w, generator=g).to(gpu)  # [B, 16, T, h, w]
-    first = torch.randn(1, 16, t, h, w, generator=g).to(gpu)
-    audio = torch.randn(1, config.audio_latent_dim, audio_len, generator=g).to(gpu)  # [B, Ca, L]
-    text = torch.randn(1, config.text_len, config.text_dim, generator=g).to(gpu)  # [B, 512, Dt]
-    pt, ph, pw = config.video_dit.patch_size
-    video_tokens = (t // pt) * (h // ph) * (w // pw)
     weights_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
-
-    step = lora_train_step(
-        model, objective, optimizer, optim_cfg, (video, first, audio, text), g, dtype=dtype, active=components
-    )
 
     for i in range(args.warmup):
         step(i)
