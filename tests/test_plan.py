@@ -229,3 +229,25 @@ def test_memory_modes_are_planned_through_the_trainers_code(mid_plan, mid_cfg):
     assert (
         plan_memory(offloaded, FP32, lean).host_parts["offloaded activations (model.activation_offload)"] > 0
     )
+
+
+def test_recipes_are_planned_into_one_json_file(tmp_path, capsys):
+    """`--recipes OUT` plans every configs/memory recipe at its GPU size (here on the tiny model) and writes what doctor
+    reads; a missing folder is refused before any planning."""
+    out = tmp_path / "plans.json"
+    assert main(["model=tiny", "lora=tiny", "--recipes", str(out)]) == 0
+    plans = json.loads(out.read_text())
+    recipes = plans["recipes"]
+    assert set(recipes) == {"gpu141", "gpu80", "gpu48", "gpu24"} and plans["model"] == "tiny"
+    for name, r in recipes.items():
+        assert r["gpu_memory_gb"] == int(name[3:]) and r["fits"]
+        assert r["total_gb"] == pytest.approx(sum(r["memory_gb"].values()), abs=0.05)
+    # what each recipe moves off the GPU: the idle expert (gpu80), streamed blocks (gpu48), float8 weights (gpu24)
+    base = {n: r["memory_bytes"]["frozen base"] for n, r in recipes.items()}
+    assert base["gpu141"] > base["gpu80"] > base["gpu48"] > base["gpu24"]
+    assert not any(recipes["gpu141"]["pinned_host_bytes"].values())
+    assert recipes["gpu80"]["pinned_host_bytes"]["idle experts"] > 0
+    assert recipes["gpu48"]["pinned_host_bytes"]["offloaded activations (model.activation_offload)"] > 0
+    assert "+memory=gpu24:" in capsys.readouterr().out
+    assert main(["model=tiny", "--recipes", str(tmp_path / "missing" / "plans.json")]) == 2
+    assert "folder" in capsys.readouterr().err and not (tmp_path / "missing").exists()

@@ -161,6 +161,7 @@ def plan_recipes(argv: list[str]) -> dict:
             "pinned_host_gb": round(r["pinned_host_total_bytes"] / 1e9, 2),
             "memory_gb": {k: round(v / 1e9, 2) for k, v in r["memory_bytes"].items()},
             "pinned_host_parts_gb": {k: round(v / 1e9, 2) for k, v in r["pinned_host_bytes"].items()},
+            "memory_bytes": r["memory_bytes"], "pinned_host_bytes": r["pinned_host_bytes"],
             "flops_per_step": r["flops_per_step"], "kernels_per_step": r["kernels_per_step"],
         }  # fmt: skip
     return out
@@ -172,10 +173,16 @@ def main(argv: list[str] | None = None) -> int:
         if any(a == "--recipes" or a.startswith("--recipes=") for a in argv):
             import json
 
-            target = build_parser().parse_args(argv).recipes
-            plans = plan_recipes(argv)
-            Path(target).write_text(json.dumps(plans, indent=1) + "\n")
-            for name, r in plans["recipes"].items():
+            from mova_train.checkpoint_io import write_json_atomic
+            from mova_train.errors import ConfigValueError
+
+            target = Path(build_parser().parse_args(argv).recipes)
+            if not target.parent.is_dir():  # checked before minutes of planning, not after
+                raise ConfigValueError(f"--recipes {target}: folder {target.parent} does not exist")
+            write_json_atomic(target, plan_recipes(argv))  # a failed run leaves the old file whole
+            plans = json.loads(target.read_text())
+            for name in recipe_names():  # largest GPU first
+                r = plans["recipes"][name]
                 print(f"+memory={name}: {r['total_gb']:.2f} GB per GPU (of {r['gpu_memory_gb']}), "
                       f"{r['pinned_host_gb']:.1f} GB pinned host RAM")  # fmt: skip
             return 0
