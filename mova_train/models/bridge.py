@@ -10,7 +10,7 @@ from torch import nn
 
 from .config import BridgeConfig
 from .dit import QKNormAttention
-from .layers import LayerNorm, apply_rope_rotate_half, attention, bridge_rope
+from .layers import LayerNorm, apply_rope_rotate_half, attention, bridge_rope, complex_rope, rope_pairs
 from .sequence import SequenceShard
 
 Rope = tuple[torch.Tensor, torch.Tensor]
@@ -32,7 +32,11 @@ class ConditionalCrossAttention(QKNormAttention):
         y_shard: SequenceShard | None = None,
     ) -> torch.Tensor:
         q, k, v = self.project(x, y)
-        if rope_x is not None:
+        if (
+            rope_x is not None and complex_rope(q) and complex_rope(k)
+        ):  # q and k in the same pair order: same scores
+            q, k = rope_pairs(q, rope_x, halves=True), rope_pairs(k, rope_y, halves=True)
+        elif rope_x is not None:
             q = apply_rope_rotate_half(q, rope_x)
             k = apply_rope_rotate_half(k, rope_y)
         if y_shard is not None:

@@ -20,6 +20,8 @@ from .layers import (
     apply_rope_interleaved,
     attention,
     audio_rope,
+    gated_add,
+    modulate,
     sinusoidal_embedding,
     video_rope,
 )
@@ -107,9 +109,9 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (self.modulation + t_mod).chunk(
             6, dim=1
         )
-        x = x + gate_msa * self.self_attn(self.norm1(x) * (1 + scale_msa) + shift_msa, rope, shard)
+        x = gated_add(x, gate_msa, self.self_attn(modulate(self.norm1(x), shift_msa, scale_msa), rope, shard))
         x = x + self.cross_attn(self.norm3(x), context)
-        return x + gate_mlp * self.ffn(self.norm2(x) * (1 + scale_mlp) + shift_mlp)
+        return gated_add(x, gate_mlp, self.ffn(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
 class Head(nn.Module):
@@ -124,7 +126,7 @@ class Head(nn.Module):
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         """x [B, L, D], temb [B, D] -> [B, L, out_features]."""
         shift, scale = (self.modulation + temb[:, None, :]).chunk(2, dim=1)  # [B, 1, D] each
-        return self.head(self.norm(x) * (1 + scale) + shift)
+        return self.head(modulate(self.norm(x), shift, scale))
 
 
 def run_block(block: nn.Module, *args):

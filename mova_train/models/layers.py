@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..names import ATTENTION_KERNELS, PRECISIONS
+from . import kernels
 
 # Optional kernels, each used only where installed: FA3 (flash-attention's Hopper build) and FA2.
 try:
@@ -206,10 +207,54 @@ def _wants_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+# ---- half precision: the same formulas in fewer kernels ----------------------------------------------------------
+# In bf16/fp16 (the GPU's training dtypes) the norms, RoPE, modulation, gates and residual adds take fused forms: one
+# kernel where the reference graph runs several, and no full-size fp32 temporaries. Each computes in fp32 inside
+# and rounds where the reference rounds or fewer times, so results agree within the dtype's rounding (tests in
+# tests/test_fused_half.py). fp32 keeps the reference graph exactly (golden file, parity with the reference code).
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def is_half(x: torch.Tensor) -> bool:
+    return x.dtype in HALF_DTYPES
+
+
+def complex_rope(x: torch.Tensor) -> bool:
+    """Whether RoPE on x takes the complex product: half precision in eager mode (inside torch.compile the real
+    formula is kept, which inductor fuses; it does not generate code for complex numbers)."""
+    return is_half(x) and not torch.compiler.is_compiling()
+
+
+def _no_autocast(device_type: str):
+    """Autocast off for one call (CUDA autocast runs norms in fp32, which would add an fp32 round trip)."""
+    if autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _rms_norm_half(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`_rms_norm` for a half-precision x: `mova::rms_norm` (torch's fused RMSNorm on CUDA, one kernel each way,
+    statistics in fp32, x and the per-row rstd kept for backward), rounded to x's dtype before the weight as the
+    reference does. Inside torch.compile, torch's own RMSNorm, which inductor fuses with its neighbours."""
+    if torch.compiler.is_compiling():
+        with _no_autocast(x.device.type):
+            y = F.rms_norm(x, x.shape[-1:], eps=eps)
+    else:
+        y, _ = kernels.rms_norm(x, eps)
+    return y * weight
+
+
+def _layer_norm_half(x: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
+    """Lean LayerNorm for a half-precision x: one kernel each way (fp32 inside), the result in x's dtype."""
+    with _no_autocast(x.device.type):
+        return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * w over the last dim (the full width D, not per head); fp32 inside.
 
-    `lean` (see `set_norm_precision`): the same values, but only x is kept for backward, not its fp32 copy.
+    `lean` (see `set_norm_precision`): the same values, but only x is kept for backward, not its fp32 copy; for a
+    bf16/fp16 x, `mova::rms_norm` (one fused kernel each way on CUDA).
     """
 
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -219,6 +264,8 @@ class RMSNorm(nn.Module):
         self.lean = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lean and is_half(x):
+            return _rms_norm_half(x, self.weight, self.eps)
         if self.lean and _wants_grad(x, self.weight):
             return _LeanRMSNorm.apply(x, self.weight, self.eps)
         return _rms_norm(x, self.weight, self.eps)
@@ -226,7 +273,8 @@ class RMSNorm(nn.Module):
 
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm (same parameters and keys) over the last dim. `lean` (see `set_norm_precision`): the result is
-    in x's dtype also under autocast (which computes it in fp32), and only x is kept for backward."""
+    in x's dtype also under autocast (which computes it in fp32), and only x is kept for backward; a bf16/fp16 x
+    takes torch's layer_norm in its own dtype (fp32 inside; one kernel each way)."""
 
     def __init__(self, dim: int, eps: float, elementwise_affine: bool):
         super().__init__(dim, eps=eps, elementwise_affine=elementwise_affine)
@@ -235,6 +283,8 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.lean:
             return super().forward(x)
+        if is_half(x):
+            return _layer_norm_half(x, self.weight, self.bias, self.eps)
         if _wants_grad(x, self.weight, self.bias):
             return _LeanLayerNorm.apply(x, self.weight, self.bias, self.eps)
         return _layer_norm(x, self.weight, self.bias, self.eps, lean=True)
@@ -345,6 +395,8 @@ class _RopeInterleaved(torch.autograd.Function):
 def apply_rope_interleaved(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Rotate pairs (x[2j], x[2j+1]) as complex numbers. x [B, L, H, d], cos/sin [L, d/2]. Computed in fp32,
     returned in x's dtype; nothing but the tables is kept for backward."""
+    if complex_rope(x):
+        return rope_pairs(x, rope, halves=False)
     cos, sin = (t[None, :, None, :] for t in rope)
     if _wants_grad(x):
         return _RopeInterleaved.apply(x, cos, sin)
@@ -453,6 +505,97 @@ def apply_rope_rotate_half(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tens
     if _wants_grad(x):
         return _RopeRotateHalf.apply(x, cos, sin)
     return _rope_rotate_half(x, cos, sin)
+
+
+# ---- half precision: RoPE as one complex product ---------------------------------------------------------------
+
+
+def _complex_tables(
+    rope: tuple[torch.Tensor, torch.Tensor], halves: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos + i sin, its conjugate) over the d/2 pairs, complex64 [1, L, 1, d/2]; made once per pair of tables (they
+    are memoised, or sliced once per forward under sequence parallelism) and kept on the cos table."""
+    cos, sin = rope
+    cached = getattr(cos, "_mova_complex", None)
+    if cached is not None and cached[0] is halves:
+        return cached[1]
+    if halves:  # rotate-half tables repeat their d/2 frequencies over both halves
+        cos, sin = cos[..., : cos.shape[-1] // 2], sin[..., : sin.shape[-1] // 2]
+    table = torch.complex(cos.float(), sin.float())[None, :, None, :]
+    tables = (table, table.conj().resolve_conj())
+    if not torch.compiler.is_compiling():
+        rope[0]._mova_complex = (halves, tables)
+    return tables
+
+
+def _as_pairs(x: torch.Tensor, halves: bool) -> torch.Tensor:
+    """x [..., d] -> complex [..., d/2] (at least fp32 parts): pairs (x[2j], x[2j+1]), or (x[j], x[j+d/2]) with `halves`."""
+    pairs = x.unflatten(-1, (2, -1)).transpose(-1, -2) if halves else x.unflatten(-1, (-1, 2))
+    pairs = pairs.to(torch.promote_types(x.dtype, torch.float32), memory_format=torch.contiguous_format)
+    return torch.view_as_complex(pairs.contiguous())  # a no-op after a cast; a copy for an uncast fp32 view
+
+
+def _rotate(
+    x: torch.Tensor, table: torch.Tensor, halves: bool, dtype: torch.dtype, back: bool
+) -> torch.Tensor:
+    """x * table over the pairs, rounded to `dtype`: 3 kernels (cast, complex product, cast). The result is in pair
+    order (x[j], x[j+d/2] adjacent) for `halves`, unless `back` (the gradient) restores the half layout."""
+    out = torch.view_as_real(_as_pairs(x, halves and not back) * table)  # [..., d/2, 2]
+    if halves and back:
+        return out.transpose(-1, -2).to(dtype, memory_format=torch.contiguous_format).flatten(-2)
+    return out.to(dtype).flatten(-2)
+
+
+class _RopePairs(torch.autograd.Function):
+    """The rotation as a complex product; saves only the tables, backward multiplies by the conjugate."""
+
+    @staticmethod
+    def forward(ctx, x, table, conj, halves):
+        ctx.save_for_backward(conj)
+        ctx.halves = halves
+        return _rotate(x, table, halves, x.dtype, back=False)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (conj,) = ctx.saved_tensors
+        return _rotate(grad, conj, ctx.halves, grad.dtype, back=True), None, None, None
+
+
+def rope_pairs(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], *, halves: bool) -> torch.Tensor:
+    """RoPE on a half-precision x [B, L, H, d] as one complex product per element in fp32, rounded once (the
+    reference rounds once too): interleaved pairs, or with `halves` the rotate-half convention (cos/sin [L, d]),
+    whose result comes back with each pair's two channels adjacent: (x[0], x[d/2], x[1], x[d/2+1], ...). That
+    order is the same for q and k, so q.k and the attention are those of the rotate-half layout; use it only where
+    the result feeds attention scores."""
+    table, conj = _complex_tables(rope, halves)
+    if _wants_grad(x):
+        return _RopePairs.apply(x, table, conj, halves)
+    return _rotate(x, table, halves, x.dtype, back=False)
+
+
+# ---- half precision: modulation, gates and residual adds as single fused multiply-adds ---------------------------
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x * (1 + scale) + shift; one fused multiply-add for half-precision x."""
+    if is_half(x):
+        return torch.addcmul(shift, x, 1 + scale)
+    return x * (1 + scale) + shift
+
+
+def gated_add(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x + gate * y (the gated residual); one fused multiply-add for half-precision x."""
+    if is_half(x):
+        return torch.addcmul(x, gate, y)
+    return x + gate * y
+
+
+def scaled_add(x: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
+    """x + scale * y for a number `scale`; one kernel for half-precision x."""
+    if is_half(x):
+        return torch.add(x, y, alpha=scale)
+    return x + scale * y
 
 
 def init_linear_(module: nn.Module, generator: torch.Generator | None) -> None:

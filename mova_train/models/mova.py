@@ -16,7 +16,7 @@ from ..names import AUDIO_DIT, BRIDGE, COMPONENTS, EXPERTS, I2V_MASK_CHANNELS
 from .bridge import BridgeConditioner, DualTowerBridge
 from .config import MovaConfig, get_model_config
 from .dit import DiTBlock, Head, WanAudioDiT, WanVideoDiT, run_block
-from .layers import RMSNorm, init_linear_
+from .layers import RMSNorm, init_linear_, scaled_add
 from .offload import OffloadedForward
 from .scheduler import expert_for_timestep
 from .sequence import SequenceShard
@@ -190,8 +190,8 @@ class MovaModel(nn.Module):
                 # Simultaneous update: both directions read the pre-update states.
                 dv = call(a2v[str(i)], v, a, bridge_v, bridge_a)
                 da = call(v2a[str(i)], a, v, bridge_a, bridge_v, shard)
-                v = v + a2v_scale * dv
-                a = a + v2a_scale * da.to(a.dtype)
+                v = scaled_add(v, dv, a2v_scale)
+                a = scaled_add(a, da.to(a.dtype), v2a_scale)
             if i < num_v:
                 v = call(video_dit.blocks[i], v, ctx_v, t_mod_v, rope_v, shard)
             if i < num_a:

@@ -163,6 +163,8 @@ def plan_recipes(argv: list[str]) -> dict:
             "pinned_host_parts_gb": {k: round(v / 1e9, 2) for k, v in r["pinned_host_bytes"].items()},
             "memory_bytes": r["memory_bytes"], "pinned_host_bytes": r["pinned_host_bytes"],
             "flops_per_step": r["flops_per_step"], "kernels_per_step": r["kernels_per_step"],
+            "non_matmul_kernels_per_step": r["non_matmul_kernels_per_step"],
+            "non_matmul_bytes_per_step": r["non_matmul_bytes_per_step"],
         }  # fmt: skip
     return out
 

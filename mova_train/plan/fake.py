@@ -33,7 +33,8 @@ CUDA_FP32_OPS = frozenset(
         F.layer_norm, torch.layer_norm, F.group_norm, torch.group_norm, F.softmax, torch.softmax,
         torch.Tensor.softmax, F.log_softmax, torch.log_softmax, F.mse_loss, torch.rsqrt, torch.Tensor.rsqrt,
         torch.exp, torch.Tensor.exp, torch.log, torch.Tensor.log, torch.pow, torch.Tensor.pow, torch.sum,
-        torch.Tensor.sum, torch.cumsum, torch.Tensor.cumsum, torch.norm, torch.Tensor.norm,
+        torch.Tensor.sum, torch.cumsum, torch.Tensor.cumsum, torch.norm, torch.Tensor.norm, F.rms_norm,
+        torch.rms_norm,
     }
 )  # fmt: skip
 

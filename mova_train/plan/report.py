@@ -212,8 +212,12 @@ def build_report(fig: StepFigures, ex: Execution, cfg, shape: ClipShape, gpu_mem
         "gpu_memory_gb": gpu_memory_gb, "fits": plan.total <= gpu_bytes,
         "pinned_host_bytes": dict(plan.host_parts), "pinned_host_total_bytes": plan.host_total,
         "gradient_accumulation_steps": gas,
-        "flops_per_step": fig.flops * gas, "non_matmul_bytes_per_step": fig.non_matmul_bytes * gas,
-        "kernels_per_step": fig.kernels * gas, "matmul_kernels_per_step": fig.matmul_kernels * gas,
+        # the step's first micro-step adds no gradient into .grad (zero_grad set them to None)
+        "flops_per_step": fig.flops * gas,
+        "non_matmul_bytes_per_step": fig.non_matmul_bytes * gas - fig.accumulate_bytes,
+        "kernels_per_step": fig.kernels * gas - fig.accumulate_kernels,
+        "matmul_kernels_per_step": fig.matmul_kernels * gas,
+        "non_matmul_kernels_per_step": (fig.kernels - fig.matmul_kernels) * gas - fig.accumulate_kernels,
         "notes": plan.notes, "advice": [] if plan.total <= gpu_bytes else advice(plan, fig, ex, cfg, shape, gpu_bytes),
         "simulation_seconds": round(seconds, 1),
         "step": dataclasses.asdict(fig),  # one micro-step as measured (build_report can be re-run from it)
@@ -251,7 +255,8 @@ def format_text(r: dict) -> str:
         f"Per optimizer step per GPU ({r['gradient_accumulation_steps']} micro-step(s)): "
         f"{_scaled(r['flops_per_step'], 'FLOP')} (forward + backward + recompute), "
         f"{_scaled(r['non_matmul_bytes_per_step'], 'B')} moved by non-matmul ops, "
-        f"{r['kernels_per_step']:,} kernels ({r['matmul_kernels_per_step']:,} matmul/attention)"
+        f"{r['kernels_per_step']:,} kernels ({r['matmul_kernels_per_step']:,} matmul/attention, "
+        f"{r['non_matmul_kernels_per_step']:,} others)"
     )
     lines += [f"Note: {n}" for n in r["notes"]]
     lines.append(

@@ -148,6 +148,10 @@ class StepFigures:
     offloaded_activation_peak: int = (
         0  # bytes: peak of the activations model.activation_offload keeps on the host
     )
+    accumulate_kernels: int = (
+        0  # of `kernels`: gradient accumulation into .grad (not in an optimizer step's first)
+    )
+    accumulate_bytes: int = 0
 
 
 def build_planned_model(cfg: TrainConfig, config: MovaConfig, ex: Execution) -> nn.Module:
@@ -296,6 +300,8 @@ def simulate_step(cfg: TrainConfig, config: MovaConfig, ex: Execution, shape: Cl
         non_matmul_bytes=tracker.non_matmul_bytes,
         kernels=tracker.kernels,
         matmul_kernels=tracker.matmul_kernels,
+        accumulate_kernels=tracker.accumulate_kernels,
+        accumulate_bytes=tracker.accumulate_bytes,
         expert=inputs.expert,
         params=params,
         trainable_dtype_bytes=trainable_size,

@@ -38,8 +38,18 @@ NO_KERNEL_OPS = frozenset(
         aten.empty, aten.empty_strided, aten.empty_like, aten.new_empty, aten.new_empty_strided, aten.detach,
         aten.alias, aten.lift_fresh, aten._local_scalar_dense, aten._unsafe_view, aten._reshape_alias,
         aten.set_, aten.resize_, aten.sym_size, aten.sym_stride, aten.sym_numel, aten.sym_storage_offset,
+        aten.promote_types, aten.result_type,
     }
 )  # fmt: skip
+
+
+# aten ops, and the model's own ops (`mova_train.models.kernels`), each one kernel on CUDA
+KERNEL_NAMESPACES = frozenset({"aten", "mova"})
+
+
+def _accumulating_grad() -> bool:
+    node = torch._C._current_autograd_node()
+    return node is not None and node.name().endswith("AccumulateGrad")
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -74,9 +84,13 @@ class StepTracker(TorchDispatchMode):
         super().__init__()
         self.live: dict[str, int] = defaultdict(int)
         self.peak: dict[str, int] = defaultdict(int)
-        self.kernels = 0
+        self.kernels = 0  # all kernels, matmul and attention included
         self.matmul_kernels = 0
         self.non_matmul_bytes = 0
+        # of those: gradients added into existing .grad (AccumulateGrad), which the first micro-step of an optimizer
+        # step does not run (the gradients were set to None) and later ones do
+        self.accumulate_kernels = 0
+        self.accumulate_bytes = 0
         self.flops = 0
         self._flop_formulas = flop_formulas()
         self._tracked: dict[int, tuple[str, int]] = {}
@@ -116,7 +130,7 @@ class StepTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func.namespace != "aten" or func.is_view:
+        if func.namespace not in KERNEL_NAMESPACES or func.is_view:
             return out  # a view allocates nothing and runs no kernel
         outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
@@ -129,7 +143,11 @@ class StepTracker(TorchDispatchMode):
             if packet in MATMUL_OPS:
                 self.matmul_kernels += 1
             else:
-                self.non_matmul_bytes += sum(_nbytes(t) for t in inputs) + sum(_nbytes(t) for t in outputs)
+                moved = sum(_nbytes(t) for t in inputs) + sum(_nbytes(t) for t in outputs)
+                self.non_matmul_bytes += moved
+                if packet is aten.add_ and _accumulating_grad():
+                    self.accumulate_kernels += 1
+                    self.accumulate_bytes += moved
         # in-place and out= results are their inputs' storage: nothing new is allocated
         written = {id(t.untyped_storage()) for t in inputs} if func._schema.is_mutable else ()
         for t in outputs:
