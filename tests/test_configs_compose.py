@@ -95,6 +95,19 @@ def test_memory_recipes_compose_with_an_experiment_and_their_plans_meet_the_targ
     )
 
 
+def test_planned_360p_step_meets_the_kernel_and_byte_targets():
+    """Issue #13's CPU targets for the 360p x 193 step of +experiment=voice_lora on one GPU (ZeRO-3, bf16), as the
+    planner counted them into configs/memory/plans.json ("base"): at most 9 TB moved by non-matmul kernels and at
+    most 12,000 of them per optimizer step (before the fused half-precision forms: 15.4 TB and 32,487)."""
+    plans = json.loads((PROJECT_ROOT / "configs" / "memory" / "plans.json").read_text())
+    assert plans["command"].startswith("python -m mova_train.plan +experiment=voice_lora --gpus 1 ")
+    assert plans["model"] == "mova_360p" and plans["clip"]["frames"] == 193 and plans["clip"]["batch"] == 1
+    step = plans["base"]
+    assert step["non_matmul_bytes_per_step"] <= 9e12, step["non_matmul_bytes_per_step"]
+    assert step["non_matmul_kernels_per_step"] <= 12_000, step["non_matmul_kernels_per_step"]
+    assert step["flops_per_step"] > 1e16  # the full model's step, not a tiny one
+
+
 def test_train_yaml_keeps_hydra_out_of_the_run_directory():
     cfg = compose_config(return_hydra_config=True)
     assert cfg.hydra.output_subdir is None and cfg.hydra.run.dir == "." and cfg.hydra.job.chdir is False

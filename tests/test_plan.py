@@ -248,6 +248,16 @@ def test_recipes_are_planned_into_one_json_file(tmp_path, capsys):
     assert not any(recipes["gpu141"]["pinned_host_bytes"].values())
     assert recipes["gpu80"]["pinned_host_bytes"]["idle experts"] > 0
     assert recipes["gpu48"]["pinned_host_bytes"]["offloaded activations (model.activation_offload)"] > 0
+    # the step without a recipe (ZeRO-3 under +experiment=voice_lora; here the tiny model's plain run), with the
+    # kernel and byte counts the README and tests/test_configs_compose.py quote
+    plain = plans["base"]
+    assert plain["gpu_memory_gb"] is None and plain["total_gb"] > 0
+    assert (
+        plain["kernels_per_step"]
+        > plain["non_matmul_kernels_per_step"]
+        > 0
+        < plain["non_matmul_bytes_per_step"]
+    )
     assert "+memory=gpu24:" in capsys.readouterr().out
     assert main(["model=tiny", "--recipes", str(tmp_path / "missing" / "plans.json")]) == 2
     assert "folder" in capsys.readouterr().err and not (tmp_path / "missing").exists()

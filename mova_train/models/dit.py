@@ -43,6 +43,7 @@ class QKNormAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
+        self.lean = True  # half-precision fused forms (`layers.set_norm_precision`)
 
     def project(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x [B, Lq, D], context [B, Lk, Dkv] -> q [B, Lq, H, d], k, v [B, Lk, H, d]."""
@@ -61,7 +62,7 @@ class SelfAttention(QKNormAttention):
 
     def forward(self, x: torch.Tensor, rope: Rope, shard: SequenceShard | None = None) -> torch.Tensor:
         q, k, v = self.project(x, x)
-        q, k = apply_rope_interleaved(q, rope), apply_rope_interleaved(k, rope)
+        q, k = apply_rope_interleaved(q, rope, self.lean), apply_rope_interleaved(k, rope, self.lean)
         return self.o(attention(q, k, v) if shard is None else shard.attention(q, k, v))
 
 
@@ -92,6 +93,7 @@ class DiTBlock(nn.Module):
             nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim)
         )
         self.activation_checkpointing = False
+        self.lean = True  # half-precision fused forms (`layers.set_norm_precision`)
 
     def forward(
         self,
@@ -109,9 +111,12 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (self.modulation + t_mod).chunk(
             6, dim=1
         )
-        x = gated_add(x, gate_msa, self.self_attn(modulate(self.norm1(x), shift_msa, scale_msa), rope, shard))
+        f = self.lean
+        x = gated_add(
+            x, gate_msa, self.self_attn(modulate(self.norm1(x), shift_msa, scale_msa, f), rope, shard), f
+        )
         x = x + self.cross_attn(self.norm3(x), context)
-        return gated_add(x, gate_mlp, self.ffn(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+        return gated_add(x, gate_mlp, self.ffn(modulate(self.norm2(x), shift_mlp, scale_mlp, f)), f)
 
 
 class Head(nn.Module):
@@ -122,11 +127,12 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.empty(1, 2, dim))
         self.norm = LayerNorm(dim, eps=eps, elementwise_affine=False)
         self.head = nn.Linear(dim, out_features)
+        self.lean = True  # half-precision fused forms (`layers.set_norm_precision`)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         """x [B, L, D], temb [B, D] -> [B, L, out_features]."""
         shift, scale = (self.modulation + temb[:, None, :]).chunk(2, dim=1)  # [B, 1, D] each
-        return self.head(modulate(self.norm(x), shift, scale))
+        return self.head(modulate(self.norm(x), shift, scale, self.lean))
 
 
 def run_block(block: nn.Module, *args):

@@ -208,8 +208,9 @@ def _wants_grad(*tensors) -> bool:
 
 
 # ---- half precision: the same formulas in fewer kernels ----------------------------------------------------------
-# In bf16/fp16 (the GPU's training dtypes) the norms, RoPE, modulation, gates and residual adds take fused forms: one
-# kernel where the reference graph runs several, and no full-size fp32 temporaries. Each computes in fp32 inside
+# In bf16/fp16 (the GPU's training dtypes) and lean precision (the default; each module using them has a `lean` flag,
+# set by `set_norm_precision`) the norms, RoPE, modulation, gates and residual adds take fused forms: one
+# kernel where the reference graph runs several, and no full-size fp32 temporaries. `reference` keeps the graph. Each computes in fp32 inside
 # and rounds where the reference rounds or fewer times, so results agree within the dtype's rounding (tests in
 # tests/test_fused_half.py). fp32 keeps the reference graph exactly (golden file, parity with the reference code).
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -291,14 +292,17 @@ class LayerNorm(nn.LayerNorm):
 
 
 def set_norm_precision(model: nn.Module, precision: str) -> int:
-    """Set every RMSNorm and LayerNorm of `model` to `lean` or `reference` precision; returns how many."""
+    """Set every RMSNorm and LayerNorm of `model`, and every module that takes the half-precision fused forms (a
+    `lean` attribute: blocks, attentions, heads, the dual-tower model), to `lean` or `reference` precision; returns
+    how many norms."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} unknown; allowed: {', '.join(PRECISIONS)}")
     count = 0
     for m in model.modules():
         if isinstance(m, (RMSNorm, LayerNorm)):
-            m.lean = precision == "lean"
             count += 1
+        if isinstance(m, (RMSNorm, LayerNorm)) or isinstance(getattr(m, "lean", None), bool):
+            m.lean = precision == "lean"
     return count
 
 
@@ -392,10 +396,13 @@ class _RopeInterleaved(torch.autograd.Function):
         return gx.flatten(-2).to(grad.dtype), None, None
 
 
-def apply_rope_interleaved(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def apply_rope_interleaved(
+    x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], fused: bool = True
+) -> torch.Tensor:
     """Rotate pairs (x[2j], x[2j+1]) as complex numbers. x [B, L, H, d], cos/sin [L, d/2]. Computed in fp32,
-    returned in x's dtype; nothing but the tables is kept for backward."""
-    if complex_rope(x):
+    returned in x's dtype; nothing but the tables is kept for backward. `fused` (lean precision): a half-precision
+    x takes the complex product (`rope_pairs`)."""
+    if fused and complex_rope(x):
         return rope_pairs(x, rope, halves=False)
     cos, sin = (t[None, :, None, :] for t in rope)
     if _wants_grad(x):
@@ -577,23 +584,23 @@ def rope_pairs(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], *, halv
 # ---- half precision: modulation, gates and residual adds as single fused multiply-adds ---------------------------
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x * (1 + scale) + shift; one fused multiply-add for half-precision x."""
-    if is_half(x):
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, fused: bool = True) -> torch.Tensor:
+    """x * (1 + scale) + shift; one fused multiply-add for half-precision x when `fused` (lean precision)."""
+    if fused and is_half(x):
         return torch.addcmul(shift, x, 1 + scale)
     return x * (1 + scale) + shift
 
 
-def gated_add(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """x + gate * y (the gated residual); one fused multiply-add for half-precision x."""
-    if is_half(x):
+def gated_add(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, fused: bool = True) -> torch.Tensor:
+    """x + gate * y (the gated residual); one fused multiply-add for half-precision x when `fused`."""
+    if fused and is_half(x):
         return torch.addcmul(x, gate, y)
     return x + gate * y
 
 
-def scaled_add(x: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
-    """x + scale * y for a number `scale`; one kernel for half-precision x."""
-    if is_half(x):
+def scaled_add(x: torch.Tensor, y: torch.Tensor, scale: float, fused: bool = True) -> torch.Tensor:
+    """x + scale * y for a number `scale`; one kernel for half-precision x when `fused`."""
+    if fused and is_half(x):
         return torch.add(x, y, alpha=scale)
     return x + scale * y
 

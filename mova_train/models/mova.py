@@ -70,6 +70,7 @@ class MovaModel(nn.Module):
         # set_activation_checkpointing: "layer" or "block" regions, and whether layer regions' inputs go to host
         self.checkpoint_region = "layer"
         self.activation_offload = False
+        self.lean = True  # half-precision fused forms (`layers.set_norm_precision`)
         self.offload_stats: dict | None = None  # a dict here counts the offloaded tensors (tests, benchmarks)
         for name in COMPONENTS:
             setattr(self, name, None)
@@ -190,8 +191,8 @@ class MovaModel(nn.Module):
                 # Simultaneous update: both directions read the pre-update states.
                 dv = call(a2v[str(i)], v, a, bridge_v, bridge_a)
                 da = call(v2a[str(i)], a, v, bridge_a, bridge_v, shard)
-                v = scaled_add(v, dv, a2v_scale)
-                a = scaled_add(a, da.to(a.dtype), v2a_scale)
+                v = scaled_add(v, dv, a2v_scale, self.lean)
+                a = scaled_add(a, da.to(a.dtype), v2a_scale, self.lean)
             if i < num_v:
                 v = call(video_dit.blocks[i], v, ctx_v, t_mod_v, rope_v, shard)
             if i < num_a:

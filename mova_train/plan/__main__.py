@@ -140,9 +140,25 @@ def recipe_names() -> list[str]:
     return sorted(names, key=lambda n: -int(n[3:]))
 
 
+def _figures(r: dict, gpu_memory_gb: int | None) -> dict:
+    """What plans.json keeps of one plan: memory (rounded GB and exact bytes), FLOPs, kernels, non-matmul bytes."""
+    return {
+        "gpu_memory_gb": gpu_memory_gb, "total_gb": round(r["total_gb"], 2),
+        "fits": r["fits"] if gpu_memory_gb else None,
+        "activation_peak_gb": round(r["memory_bytes"]["activation peak"] / 1e9, 2),
+        "pinned_host_gb": round(r["pinned_host_total_bytes"] / 1e9, 2),
+        "memory_gb": {k: round(v / 1e9, 2) for k, v in r["memory_bytes"].items()},
+        "pinned_host_parts_gb": {k: round(v / 1e9, 2) for k, v in r["pinned_host_bytes"].items()},
+        "memory_bytes": r["memory_bytes"], "pinned_host_bytes": r["pinned_host_bytes"],
+        "flops_per_step": r["flops_per_step"], "kernels_per_step": r["kernels_per_step"],
+        "non_matmul_kernels_per_step": r["non_matmul_kernels_per_step"],
+        "non_matmul_bytes_per_step": r["non_matmul_bytes_per_step"],
+    }  # fmt: skip
+
+
 def plan_recipes(argv: list[str]) -> dict:
-    """`--recipes OUT`: every recipe planned at its own GPU size (the overrides, default +experiment=voice_lora, plus
-    +memory=gpuNN and --gpu-memory NN); the figures doctor and the README quote."""
+    """`--recipes OUT`: the overrides (default +experiment=voice_lora) planned as they are ("base") and with every
+    recipe at its own GPU size (+memory=gpuNN --gpu-memory NN); the figures doctor, the README and the tests quote."""
     args = build_parser().parse_args(argv)
     base = list(args.overrides) or ["+experiment=voice_lora"]
     options = ["--gpus", str(args.gpus)]
@@ -150,22 +166,14 @@ def plan_recipes(argv: list[str]) -> dict:
         if getattr(args, flag) is not None:
             options += [f"--{flag}", str(getattr(args, flag))]
     out: dict = {"command": " ".join(["python -m mova_train.plan", *base, *options, "--recipes", "OUT"])}
+    plain = run([*base, *options])  # the step without a recipe
+    out["model"], out["clip"], out["base"] = plain["model"], plain["clip"], _figures(plain, None)
     out["recipes"] = {}
     for name in recipe_names():
         gb = int(name[3:])
-        r = run([*base, f"+memory={name}", *options, "--gpu-memory", str(gb)])
-        out["model"], out["clip"] = r["model"], r["clip"]
-        out["recipes"][name] = {
-            "gpu_memory_gb": gb, "total_gb": round(r["total_gb"], 2), "fits": r["fits"],
-            "activation_peak_gb": round(r["memory_bytes"]["activation peak"] / 1e9, 2),
-            "pinned_host_gb": round(r["pinned_host_total_bytes"] / 1e9, 2),
-            "memory_gb": {k: round(v / 1e9, 2) for k, v in r["memory_bytes"].items()},
-            "pinned_host_parts_gb": {k: round(v / 1e9, 2) for k, v in r["pinned_host_bytes"].items()},
-            "memory_bytes": r["memory_bytes"], "pinned_host_bytes": r["pinned_host_bytes"],
-            "flops_per_step": r["flops_per_step"], "kernels_per_step": r["kernels_per_step"],
-            "non_matmul_kernels_per_step": r["non_matmul_kernels_per_step"],
-            "non_matmul_bytes_per_step": r["non_matmul_bytes_per_step"],
-        }  # fmt: skip
+        out["recipes"][name] = _figures(
+            run([*base, f"+memory={name}", *options, "--gpu-memory", str(gb)]), gb
+        )
     return out
 
 
