@@ -208,11 +208,12 @@ def _wants_grad(*tensors) -> bool:
 
 
 # ---- half precision: the same formulas in fewer kernels ----------------------------------------------------------
-# In bf16/fp16 (the GPU's training dtypes) and lean precision (the default; each module using them has a `lean` flag,
-# set by `set_norm_precision`) the norms, RoPE, modulation, gates and residual adds take fused forms: one
-# kernel where the reference graph runs several, and no full-size fp32 temporaries. `reference` keeps the graph. Each computes in fp32 inside
+# In bf16/fp16 (the GPU's training dtypes) and lean precision (the default; each module using them has a `lean`
+# flag, set by `set_norm_precision`) the norms, RoPE, modulation, gates and residual adds take fused forms: one
+# kernel where the reference graph runs several, and no full-size fp32 temporaries. Each computes in fp32 inside
 # and rounds where the reference rounds or fewer times, so results agree within the dtype's rounding (tests in
-# tests/test_fused_half.py). fp32 keeps the reference graph exactly (golden file, parity with the reference code).
+# tests/test_fused_half.py). fp32 and `reference` keep the reference graph exactly (golden file, parity with the
+# reference code).
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
