@@ -191,6 +191,8 @@ def test_training_with_streaming_and_fp8_resumes_exactly(tiny_checkpoint, tmp_pa
     assert losses("resumed", *both) == full
     with pytest.raises(ResumeError, match="model_base_dtype"):  # fp8 is part of what a resume must keep
         losses("resumed", *[o for o in both if "base_dtype" not in o], steps=6)
+    with pytest.raises(ResumeError, match="model_precision: checkpoint has None, this run has 'reference'"):
+        losses("resumed", *both, "model.precision=reference", steps=6)  # so is the precision (its bf16 bits)
     # blocks 1-3 of both experts streamed (a step of each; block 1 follows a bridge layer); the frozen-base check
     # hashes the host copies
     streamed = losses("streamed", "model.offload_blocks=3", "trainer.verify_frozen_base=true", steps=2)

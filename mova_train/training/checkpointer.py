@@ -267,6 +267,8 @@ class Checkpointer:
                 **({"sequence_parallel_size": sp} if sp > 1 else {}),
                 # fp8 storage changes the numbers; model.offload_blocks does not, so it may change on resume
                 **({"model_base_dtype": cfg.model.base_dtype} if cfg.model.base_dtype else {}),
+                # reference precision computes other bf16 bits than lean (the default, absent as before)
+                **({"model_precision": cfg.model.precision} if cfg.model.precision != "lean" else {}),
             }
         )
         return self.fingerprint_now
