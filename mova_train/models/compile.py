@@ -39,14 +39,3 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
 
 def is_compiled(module: nn.Module) -> bool:
     return "forward" in vars(module)  # an instance attribute: compile_blocks put it there
-
-
-def check_compile_batch(batch_size: int, device_type: str) -> None:
-    """Refuse what compiled blocks get wrong: on CPU at batch size 1, inductor's C++ code gives LoRA gradients up to
-    ~90% off eager's (torch 2.13; batch 2 agrees within 1e-6; the forward agrees; `aot_eager` agrees exactly, so
-    the graphs are right and the CPU code generation is not). GPUs are not checked yet."""
-    if device_type == "cpu" and batch_size == 1:
-        raise ValueError(
-            "model.compile=true on CPU with data.batch_size=1: inductor's CPU code gives wrong LoRA gradients at "
-            "batch size 1 (torch 2.13); use model.compile=false or data.batch_size>=2"
-        )
