@@ -33,7 +33,7 @@ from mova_train.config import (
 from mova_train.data.loader import build_loader
 from mova_train.lora import apply_lora, as_lora_config, load_init_adapter, set_precision
 from mova_train.models import FlowMatchScheduler, set_activation_checkpointing, set_attention_backend
-from mova_train.models.compile import compile_blocks
+from mova_train.models.compile import check_compile_precision, compile_blocks
 from mova_train.models.streaming import host_data
 from mova_train.run_layout import list_checkpoints, samples_file
 from mova_train.training import checkpointer as checkpoints
@@ -140,6 +140,9 @@ class Trainer:
         if cfg.model.activation_checkpointing:
             set_activation_checkpointing(model, enabled=True, offload=cfg.model.activation_offload)
         if cfg.model.compile:
+            check_compile_precision(
+                self.device.type, self.mixed_precision != "no" or cfg.model.dtype != "float32"
+            )
             logger.info("model.compile: %d blocks and bridge conditioners compiled", compile_blocks(model))
         self.layout = apply_sequence_parallel(model, cfg.parallel, self.rank, self.world_size)
         model.train()
