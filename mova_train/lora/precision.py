@@ -39,11 +39,10 @@ from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
-from mova_train.models.layers import autocast_enabled, set_norm_precision
+from mova_train.models.layers import HALF_DTYPES, autocast_enabled, set_norm_precision
 from mova_train.names import PRECISIONS
 
 _HOOKED = "_mova_input_cast_hook"  # marks a LoRA layer whose pre-hook is installed
-HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _choose_input_cast(layer: LoraLayer, args: tuple) -> None:

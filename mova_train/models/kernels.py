@@ -3,9 +3,9 @@ and the memory planner see each as one op.
 
 `mova::rms_norm(x, eps) -> (y, rstd)`: y = x * rstd rounded to x's dtype, rstd = rsqrt(mean(x^2) + eps) per row in
 fp32 (the reference formula without the weight). On CUDA it is torch's fused RMSNorm (`aten._fused_rms_norm` and
-its backward, torch >= 2.9: one kernel each way); elsewhere the same formula in fp32 ops (float64 for float64 x). Autograd keeps x and the
-per-row rstd, never an fp32 copy of x. The planner (`mova_train.plan.tracker`) counts every `mova::` op as one
-non-matmul kernel that reads its inputs and writes its outputs.
+its backward, torch >= 2.9: one kernel each way); elsewhere the same formula in fp32 ops (float64 for float64 x).
+Autograd keeps x and the per-row rstd, never an fp32 copy of x. The planner (`mova_train.plan.tracker`) counts
+every `mova::` op as one non-matmul kernel that reads its inputs and writes its outputs.
 """
 
 from __future__ import annotations
