@@ -102,8 +102,10 @@ def test_tracker_counts_a_model_op_as_one_kernel_and_accumulation_apart():
     with StepTracker() as tracker:
         y, _ = kernels.rms_norm(x, 1e-6)
         y.sum().backward()
-    # sum, ones_like (the seed gradient) and its expand are aten's; the norm is one kernel each way
+    # mova.rms_norm, sum, ones_like (the seed gradient), clone (the expanded seed made contiguous for the op) and
+    # mova.rms_norm_backward: the norm is one kernel each way
     ops = tracker.kernels - tracker.matmul_kernels
+    assert ops == 5 and tracker.matmul_kernels == 0
     assert tracker.accumulate_kernels == 0
     w = torch.nn.Parameter(torch.ones(64))
     w.grad = torch.zeros(64)  # as from an optimizer step's second micro-step
@@ -113,4 +115,4 @@ def test_tracker_counts_a_model_op_as_one_kernel_and_accumulation_apart():
     with StepTracker() as decomposed:
         xf = x.detach().requires_grad_().float()
         (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16().sum().backward()
-    assert ops + 5 <= decomposed.kernels  # the same norm from aten ops: 6 kernels forward alone
+    assert decomposed.kernels >= ops + 10  # the same norm from aten ops: 6 kernels forward alone, more backward
