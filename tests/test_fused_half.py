@@ -115,4 +115,6 @@ def test_tracker_counts_a_model_op_as_one_kernel_and_accumulation_apart():
     with StepTracker() as decomposed:
         xf = x.detach().requires_grad_().float()
         (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16().sum().backward()
-    assert decomposed.kernels >= ops + 10  # the same norm from aten ops: 6 kernels forward alone, more backward
+    assert (
+        decomposed.kernels >= ops + 10
+    )  # the same norm from aten ops: 6 kernels forward alone, more backward
